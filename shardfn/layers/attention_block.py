@@ -87,6 +87,6 @@ def apply(params: dict, x: torch.Tensor, *, head_dim: int, rope=None, rotary_int
     else:
         bias = None
         if alibi_slopes is not None:
-            bias = alibi_bias(alibi_slopes, x.shape[1], dtype=torch.float32)
+            bias = alibi_bias(alibi_slopes, x.shape[1], dtype=alibi_slopes.dtype)
         out = attn_fn(q, k, v, causal=causal, mask=mask, bias=bias, dropout_p=dropout_p, generator=generator)
     return row_linear(params["o"], rearrange(out, "b s h d -> b s (h d)"))

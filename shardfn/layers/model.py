@@ -60,11 +60,12 @@ def apply(params: dict, tokens: torch.Tensor, *, config: LlamaConfig, position_i
     x = embedding.apply(params["embed"], tokens)
     rope = None
     slopes = None
+    table_dtype = torch.float64 if c.dtype == torch.float64 else torch.float32
     if c.position == "rope":
-        rope = rope_cache(s, c.rope_dim, base=c.rope_base, position_ids=position_ids, dtype=torch.float32,
+        rope = rope_cache(s, c.rope_dim, base=c.rope_base, position_ids=position_ids, dtype=table_dtype,
                           device=tokens.device)
     elif c.position == "alibi":
-        slopes = alibi_slopes(c.num_heads, device=tokens.device)
+        slopes = alibi_slopes(c.num_heads, dtype=table_dtype, device=tokens.device)
     for i, p in enumerate(params["layers"]):
         x = block.apply(p, x, config=c, rope=rope, alibi_slopes=slopes, cu_seqlens=cu_seqlens,
                         recompute=recompute.for_layer(i), generator=generator, attn_fn=attn_fn,
@@ -88,10 +89,11 @@ def loss(params: dict, tokens: torch.Tensor, targets: torch.Tensor, loss_mask: t
       **apply_kwargs: passed to ``apply``.
 
     Returns:
-      A 0-d fp32 tensor.
+      A 0-d fp32 tensor (float64 for a float64 model).
     """
     logits = apply(params, tokens, config=config, **apply_kwargs)
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    cdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    ce = F.cross_entropy(logits.to(cdtype).flatten(0, 1), targets.flatten(), reduction="none")
     if loss_mask is None:
         return ce.mean()
     m = loss_mask.flatten().to(ce.dtype)

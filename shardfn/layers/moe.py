@@ -44,8 +44,9 @@ def init(generator: torch.Generator | None, hidden: int, num_experts: int, ffn: 
 
 
 def route(router: dict, x: torch.Tensor, top_k: int, *, normalize_topk: bool = True):
-    """Top-k routing of tokens x `[t, H]`: returns ``(weights [t, k] fp32, experts [t, k] int64)``."""
-    logits = torch.nn.functional.linear(x.float(), router["weight"].float())  # [t, E]
+    """Top-k routing of tokens x `[t, H]`: ``(weights [t, k] fp32 (fp64 for fp64 x), experts [t, k] int64)``."""
+    cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    logits = torch.nn.functional.linear(x.to(cdtype), router["weight"].to(cdtype))  # [t, E]
     num_experts = logits.shape[-1]
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"moe.route: top_k={top_k} must be in [1, num_experts={num_experts}].")
