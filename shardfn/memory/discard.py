@@ -101,8 +101,10 @@ class RecomputedOutput:
         consumer's output (or any tensor whose gradient arrives before the consumer's backward).
 
         Returns:
-          The bytes freed.
+          The bytes freed (0 when ``value`` needs no gradient: then nothing is freed).
         """
+        if not self.value.requires_grad:
+            return 0  # no backward will need it: autograd saved nothing
         if not isinstance(until, torch.Tensor) or not until.requires_grad:
             raise ValueError(
                 "RecomputedOutput.discard: until must be a tensor that requires grad (the consumer's"

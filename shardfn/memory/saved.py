@@ -8,8 +8,10 @@ __all__ = ["saved_activation_bytes", "saved_activations"]
 
 
 def _storage_key(t: torch.Tensor):
+    # The StorageImpl's address, not data_ptr: a freed storage's bytes can be handed to a new
+    # tensor while the freed one is still held here, and both must count.
     st = t.untyped_storage()
-    return (t.device.type, t.device.index, st.data_ptr()), st
+    return st._cdata, st
 
 
 def saved_activations(fn, *args, params=None, **kwargs):
