@@ -119,8 +119,8 @@ def explicit_attention(q, k, v, *, causal=False, mask=None, bias=None, scale=Non
         probs = torch.exp(scores - safe[..., None])
     else:
         probs = torch.softmax(scores, dim=-1)
-        if add is not None:
-            probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows
+        if add is not None and bool(torch.isneginf(add).all(-1).any()):
+            probs = torch.nan_to_num(probs, nan=0.0)  # rows that keep no key
     if dropout_p > 0.0:
         keep = torch.empty_like(probs).bernoulli_(1.0 - dropout_p, generator=generator)
         probs = probs * (keep / (1.0 - dropout_p))
