@@ -218,3 +218,15 @@ def test_attention_errors_name_the_argument():
         attention(q, q, q, mask=torch.zeros(4, 4))
     with pytest.raises(ValueError, match="cu_seqlens"):
         varlen_attention(q, q, q, torch.tensor([0, 3]))
+
+
+def test_trainable_bias_gets_its_gradient():
+    """A bias that requires grad takes the explicit path and gets d loss / d bias."""
+    q, k, v = _qkv(1, 5, 2, 2, 4, torch.float64, seed=12)
+    bias = torch.randn(2, 5, 5, dtype=torch.float64, requires_grad=True)
+    out = attention(q, k, v, bias=bias, causal=True)
+    ref, _ = reference(q, k, v, bias=bias, keep=torch.ones(5, 5, dtype=torch.bool).tril())
+    w = torch.randn_like(ref)
+    (g,) = torch.autograd.grad((out * w).sum(), (bias,))
+    (r,) = torch.autograd.grad((ref * w).sum(), (bias,))
+    torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-12)
