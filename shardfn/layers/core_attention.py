@@ -185,7 +185,8 @@ def attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None, dropou
 
     Returns:
       ``out`` `[b, s_q, h, d]` in q's dtype, and with ``return_lse`` also ``lse`` `[b, h, s_q]`
-      in fp32 (float64 for float64 inputs). Both are differentiable w.r.t. q, k, v.
+      in fp32 (float64 for float64 inputs). Both are differentiable w.r.t. q, k, v. A row that
+      keeps no key gives output 0 and LSE -inf (weight 0 in a ring merge).
 
     Raises:
       TypeError / ValueError: on wrong kinds or shapes, naming the argument.
@@ -227,6 +228,11 @@ def attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None, dropou
     if add is not None and add.dim() != 2:
         add = add.reshape((1,) * (4 - add.dim()) + tuple(add.shape)).expand(b, h, s_q, s_k)
     out, lse = _FlashCpu.apply(qh, kh, vh, add, kernel_causal, scale_)
+    if return_lse and add is not None:
+        # The kernel reports lse 0 for a row that keeps no key; -inf is what a merge needs.
+        empty = torch.isneginf(add).all(-1)  # [s_q] or [b, h, s_q]
+        if bool(empty.any()):
+            lse = lse.masked_fill(empty, float("-inf"))
     out = rearrange(out, "b h s d -> b s h d")
     return (out, lse) if return_lse else out
 
