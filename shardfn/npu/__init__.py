@@ -1,0 +1,1 @@
+"""shardfn.npu: torch_npu's fused ops with portable references (placeholder re-exports)."""
