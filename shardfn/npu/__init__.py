@@ -23,6 +23,8 @@ from shardfn.npu.hccl import (
     mesh_group_options,
     uses_gloo_side_groups,
 )
+from shardfn.npu.mc2 import npu_all_gather_base_mm, npu_mm_all_reduce_base, npu_mm_reduce_scatter_base
+from shardfn.npu.ring_update import npu_ring_attention_update
 from shardfn.npu.kernels import (
     npu_apply_fused_ema_adamw,
     npu_matmul_add_fp32,
@@ -44,6 +46,10 @@ __all__ = [
     "npu_fusion_attention_grad",
     "npu_fusion_attention_v2",
     "npu_fusion_attention_grad_v2",
+    "npu_ring_attention_update",
+    "npu_all_gather_base_mm",
+    "npu_mm_reduce_scatter_base",
+    "npu_mm_all_reduce_base",
     "deterministic",
     "is_deterministic",
     "HcclOptions",

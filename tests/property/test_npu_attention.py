@@ -20,6 +20,7 @@ from shardfn.npu import (
     npu_fusion_attention_grad,
     npu_fusion_attention_grad_v2,
     npu_fusion_attention_v2,
+    npu_ring_attention_update,
 )
 
 # Tolerances (rtol, atol) per dtype; bf16 is loose because the inputs themselves are rounded.
@@ -360,3 +361,34 @@ def test_clear_errors():
         npu_fusion_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), 2, "TND")
     with pytest.raises(ValueError, match="keep_prob"):
         npu_fusion_attention(q, k, v, 2, "BNSD", keep_prob=0.0)
+
+
+@pytest.mark.parametrize("layout", ["SBH", "TND"])
+def test_ring_attention_update_merges_blocks_into_full_attention(layout):
+    """Attention over KV = [block 1 | block 2] equals the merge of the two blocks' partial results."""
+    s, b, n, d = 5, (1 if layout == "TND" else 2), 2, 4
+    q, k, v = _qkv(b, n, n, s, 2 * s, d, torch.float64, seed=9)
+    conv = (lambda t: rearrange(t, "1 n s d -> s n d")) if layout == "TND" else (lambda t: _to_layout(t, "SBH"))
+    kw = dict(actual_seq_qlen=[s], actual_seq_kvlen=[s]) if layout == "TND" else {}
+    lay = layout
+    parts = [npu_fusion_attention(conv(q), conv(k[:, :, sl]), conv(v[:, :, sl]), n, lay, scale=0.5, **kw)
+             for sl in (slice(0, s), slice(s, 2 * s))]
+    full_kw = dict(actual_seq_qlen=[s], actual_seq_kvlen=[2 * s]) if layout == "TND" else {}
+    full = npu_fusion_attention(conv(q), conv(k), conv(v), n, lay, scale=0.5, **full_kw)
+    out, mx, sm = npu_ring_attention_update(parts[0][0], parts[0][1], parts[0][2], parts[1][0], parts[1][1],
+                                            parts[1][2], actual_seq_qlen=[s] if layout == "TND" else None,
+                                            layout=layout)
+    torch.testing.assert_close(out, full[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mx, full[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sm, full[2], rtol=1e-12, atol=1e-12)
+
+
+def test_ring_attention_update_with_an_empty_block():
+    q, k, v = _qkv(1, 1, 1, 3, 6, 4, torch.float64)
+    sbh = lambda t: _to_layout(t, "SBH")  # noqa: E731
+    blocked = torch.ones(3, 3, dtype=torch.bool)  # block 2 fully masked for every row
+    a = npu_fusion_attention(sbh(q), sbh(k[:, :, :3]), sbh(v[:, :, :3]), 1, "SBH")
+    e = npu_fusion_attention(sbh(q), sbh(k[:, :, 3:]), sbh(v[:, :, 3:]), 1, "SBH", atten_mask=blocked, sparse_mode=1)
+    out, mx, sm = npu_ring_attention_update(*a[:3], *e[:3])
+    torch.testing.assert_close(out, a[0], rtol=1e-12, atol=1e-12)
+    assert torch.equal(mx, a[1]) and torch.equal(sm, a[2])
