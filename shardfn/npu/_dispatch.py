@@ -77,19 +77,17 @@ def _resolve(source: tuple[str, str]) -> Callable[..., Any] | None:
     return fn if callable(fn) else None
 
 
-def native_op(name: str, sources: tuple[tuple[str, str], ...]) -> Callable[..., Any] | None:
+def native_op(sources: tuple[tuple[str, str], ...]) -> Callable[..., Any] | None:
     """Find the fused kernel for an op, or None when the reference must run.
 
     Args:
-        name: the op's public name (used only in error messages by callers).
         sources: ``(module, attribute)`` pairs tried in order, e.g.
             ``(("torch_npu", "npu_rms_norm"),)``; MindSpeed-only kernels name their
-            ``mindspeed.ops`` module.
+            ``mindspeed.ops`` module. A dispatched op keeps its pairs as ``op.native_sources``.
 
     Returns:
         The first callable found when :func:`is_available` is true, else None.
     """
-    del name
     if not is_available():
         return None
     for source in sources:
@@ -116,7 +114,7 @@ def npu_op(*sources: tuple[str, str]) -> Callable[[Callable[..., Any]], Callable
     def wrap(reference: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(reference)
         def op(*args: Any, **kwargs: Any) -> Any:
-            native = native_op(reference.__name__, sources)
+            native = native_op(sources)
             if native is not None:
                 return native(*args, **kwargs)
             return reference(*args, **kwargs)

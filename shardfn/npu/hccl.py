@@ -32,12 +32,6 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-#: Group names MindSpeed's ``--hccl-group-buffer`` accepts (a mesh axis name or ``_``-joined axes).
-KNOWN_GROUPS = frozenset("""dp dp_cp cp mp mp_exp tp pp embd tp_dp_cp tp_dp tp_cp tp_exp exp dp_modulo_exp
-    pp_new_stream cp2 cp_ulysses cp_ring cp_ring_intra cp_ring_intra_overlap nd1_dim1 ag_x_sd_rcv_overlap
-    nd1_dim2 ag_y_sd_rcv_overlap nd2_dim1 nd2_dim2""".split())
-
-
 def _to_pairs(value: Mapping[str, int] | Iterable[tuple[str, int]] | None) -> tuple[tuple[str, int], ...]:
     items = value.items() if isinstance(value, Mapping) else (value or ())
     pairs = tuple(sorted((str(k), int(v)) for k, v in items))
@@ -54,7 +48,9 @@ class HcclOptions:
     Attributes:
         group_buffer_mb: group name -> HCCL buffer size in MB (a mapping or pairs). A group name
             is a mesh axis name, or axis names joined by ``_`` for a group over several axes
-            (``("dp", "cp") -> "dp_cp"``); groups not listed keep HCCL's default (200 MB).
+            (``("dp", "cp") -> "dp_cp"``), so MindSpeed's names (dp, tp, cp, pp, exp, dp_cp,
+            ...) apply to meshes whose axes carry them; groups not listed keep HCCL's default
+            (200 MB).
         replace_gloo: create no gloo side groups on npu meshes; object gathers use the device group.
         slice_size: elements per slice of those device-group object gathers.
     """

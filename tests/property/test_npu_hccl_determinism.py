@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import shardfn.npu as npu
-from shardfn.npu import hccl
 
 
 def test_group_buffer_string_parses_and_prints():
