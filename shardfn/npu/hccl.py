@@ -132,6 +132,14 @@ def mesh_group_options(axis_names: Iterable[str | tuple[str, ...]], options: Hcc
     Returns:
         ``{group_key: pg_options}`` for the groups that get options (empty off NPU). On a
         non-npu mesh with non-default options, logs one INFO line saying they are ignored.
+        For single mesh axes the dict is what ``torch.distributed.device_mesh.init_device_mesh``
+        takes as ``backend_override`` (axis name -> options).
+
+    Example:
+        >>> overrides = mesh_group_options(("dp", "tp"), HcclOptions.from_string("tp:300"),
+        ...                                device_type=device_type)
+        >>> init_device_mesh(device_type, (2, 4), mesh_dim_names=("dp", "tp"),
+        ...                  backend_override=overrides or None)
     """
     if options is None or options.is_default:
         return {}
