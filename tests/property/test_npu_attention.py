@@ -392,3 +392,19 @@ def test_ring_attention_update_with_an_empty_block():
     out, mx, sm = npu_ring_attention_update(*a[:3], *e[:3])
     torch.testing.assert_close(out, a[0], rtol=1e-12, atol=1e-12)
     assert torch.equal(mx, a[1]) and torch.equal(sm, a[2])
+
+
+@settings(max_examples=8)
+@given(sq=st.integers(1, 6), skv=st.integers(1, 6), pre=st.integers(-2, 7), nxt=st.integers(-2, 7),
+       mode=st.sampled_from([0, 4]))
+def test_band_modes_match_explicit_masks_for_drawn_sizes(sq, skv, pre, nxt, mode):
+    q, k, v = _qkv(1, 2, 1, sq, skv, 4, torch.float64, seed=sq * 13 + skv)
+    none = torch.zeros(sq, skv, dtype=torch.bool)
+    masked = _loop_mask(sq, skv, mode, pre, nxt, none)
+    atten_mask = masked if mode == 0 else causal_mask_2048()
+    out, mx, sm, *_ = npu_fusion_attention(q, k, v, 2, "BNSD", atten_mask=atten_mask, sparse_mode=mode,
+                                           pre_tockens=pre, next_tockens=nxt)
+    ref, m, z = _naive(q, k, v, masked)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mx[..., 0], m, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sm[..., 0], z, rtol=1e-12, atol=1e-12)

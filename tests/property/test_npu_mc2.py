@@ -109,3 +109,18 @@ def test_mc2_clear_errors():
 
     with pytest.raises(Exception, match="quantised"):
         shard_map(quantised, mesh=mesh, in_specs=(P(None, "tp"), P("tp")), out_specs=P())(x, w)
+
+
+def test_mc2_over_a_tuple_of_axes():
+    """axis_name may be a tuple: the (a, b) group of a 2x2 mesh acts as one tp group of 4."""
+    mesh = cached_mesh((2, 2), ("a", "b"))
+    x, w = _data((8, 3), (3, 4), seed=3)
+
+    def column(x, w):
+        return npu_all_gather_base_mm(x, w, ("a", "b"), 4, gather_output=False)[0]
+
+    specs = dict(mesh=mesh, in_specs=(P(("a", "b")), P(None, ("a", "b"))), out_specs=P(None, ("a", "b")))
+    out, grads = _grads(shard_map(column, **specs), x, w)
+    out_r, grads_r = _grads(lambda x, w: x @ w, x, w)
+    for a, c in zip(out + grads, out_r + grads_r):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
