@@ -52,9 +52,10 @@ def _fmt_sig(sig) -> str:
 
 
 class _Slot:
-    __slots__ = ("key", "members", "arrivals", "complete", "results")
+    __slots__ = ("key", "members", "arrivals", "complete", "results", "cond")
 
-    def __init__(self, key, members):
+    def __init__(self, key, members, lock):
+        self.cond = threading.Condition(lock)
         self.key = key
         self.members = members
         self.arrivals = {}
@@ -71,12 +72,14 @@ class _Run:
         self.check_vma = check_vma
         self.recorders = recorders
         n = self.mesh.size
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)  # the dispatcher waits here
         self.error = None
         self.error_device = None
         self.slots = {}
         self.seq = [dict() for _ in range(n)]
         self.mail = defaultdict(deque)
+        self.mail_cond = {}
         self.live = set(range(n))
         self.blocked = {}
         self.results = [None] * n
@@ -87,6 +90,8 @@ class _Run:
         if self.error is None:
             self.error = err
             self.error_device = device
+        for _, _, cond in self.blocked.values():
+            cond.notify_all()
         self.cond.notify_all()
 
     def _check_deadlock(self):
@@ -105,12 +110,13 @@ class _Run:
             )
         )
 
-    def _wait(self, dev, describe, ready):
-        self.blocked[dev] = (describe, ready)
+    def _wait(self, dev, describe, progress, done, cond):
+        """Block `dev` on `cond` until done(); progress() says whether it is no longer stuck."""
+        self.blocked[dev] = (describe, progress, cond)
         try:
             self._check_deadlock()
             deadline = time.monotonic() + self.mesh.timeout
-            while not ready():
+            while not done():
                 if self.error is not None:
                     raise _Aborted
                 remaining = deadline - time.monotonic()
@@ -123,7 +129,7 @@ class _Run:
                         )
                     )
                     raise _Aborted
-                self.cond.wait(remaining)
+                cond.wait(remaining)
         finally:
             del self.blocked[dev]
 
@@ -142,7 +148,7 @@ class _Run:
             seqs[key] = step + 1
             slot = self.slots.get((key, step))
             if slot is None:
-                slot = self.slots[(key, step)] = _Slot(key, members)
+                slot = self.slots[(key, step)] = _Slot(key, members, self.lock)
             slot.arrivals[pos] = (sig, site, payload)
             if len(slot.arrivals) < len(members):
 
@@ -150,11 +156,7 @@ class _Run:
                     missing = [self.mesh.describe(m) for i, m in enumerate(members) if i not in slot.arrivals]
                     return f"{_fmt_sig(sig)} at {site}, for device(s) {', '.join(missing)}"
 
-                self._wait(dev, describe, lambda: slot.complete)
-                while slot.results is None:
-                    if self.error is not None:
-                        raise _Aborted
-                    self.cond.wait()
+                self._wait(dev, describe, lambda: slot.complete, lambda: slot.results is not None, slot.cond)
                 return slot.results[pos]
             slot.complete = True
             del self.slots[(key, step)]
@@ -181,7 +183,7 @@ class _Run:
             raise _Aborted from None
         with self.cond:
             slot.results = results
-            self.cond.notify_all()
+            slot.cond.notify_all()
         return results[pos]
 
     def p2p(self, dev, axes, sends, recvs):
@@ -191,9 +193,10 @@ class _Run:
             if self.error is not None:
                 raise _Aborted
             for dst, tensor in sends:
-                self.mail[(key, pos, dst)].append(tensor.detach().clone())
-            if sends:
-                self.cond.notify_all()
+                box_key = (key, pos, dst)
+                self.mail[box_key].append(tensor.detach().clone())
+                if box_key in self.mail_cond:
+                    self.mail_cond[box_key].notify_all()
         out = []
         for src, shape, dtype in recvs:
             with self.cond:
@@ -207,7 +210,8 @@ class _Run:
                             f"{self.mesh.describe(members[src])} over {key[0]} at {site}"
                         )
 
-                    self._wait(dev, describe, lambda: bool(box))
+                    cond = self.mail_cond.setdefault((key, src, pos), threading.Condition(self.lock))
+                    self._wait(dev, describe, lambda: bool(box), lambda: bool(box), cond)
                 tensor = box.popleft()
             if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
                 with self.cond:
@@ -335,9 +339,20 @@ class SimRuntime:
     def __init__(self, mesh):
         self.mesh = mesh
         self._groups = {}
+        self._inline = {}
         self._workers = None
         self._lock = threading.Lock()
         self.threads_per_device = max(1, (os.cpu_count() or 1) // mesh.size)
+
+    def inline_context(self, check_vma):
+        """The reusable device context of a 1-device mesh, whose programs run in the caller's thread."""
+        ctx = self._inline.get(check_vma)
+        if ctx is None:
+            run = _Run(self, check_vma, None)
+            ctx = self._inline[check_vma] = context.DeviceContext(
+                self.mesh, 0, SimComm(run, 0), check_vma=check_vma, recorders=None
+            )
+        return ctx
 
     def group(self, dev, axes):
         """(group key, member device ranks in group order, position of `dev`) for `axes`."""
