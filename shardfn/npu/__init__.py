@@ -31,6 +31,7 @@ from shardfn.npu.hccl import (
     mesh_group_options,
     uses_gloo_side_groups,
 )
+from shardfn.npu.mesh import make_npu_mesh
 from shardfn.npu.mc2 import npu_all_gather_base_mm, npu_mm_all_reduce_base, npu_mm_reduce_scatter_base
 from shardfn.npu.ring_update import npu_ring_attention_update
 from shardfn.npu.kernels import (
@@ -66,6 +67,7 @@ __all__ = [
     "dist_backend",
     "group_options",
     "mesh_group_options",
+    "make_npu_mesh",
     "uses_gloo_side_groups",
     "npu_apply_fused_ema_adamw",
     "npu_matmul_add_fp32",

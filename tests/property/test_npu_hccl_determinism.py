@@ -122,3 +122,15 @@ def test_two_training_runs_are_bitwise_equal():
         assert all(torch.equal(a, b) for a, b in zip(state_a[k], state_b[k]))
     loss_c, _, _ = _train_step(seed=8)  # a different dropout seed changes the run: the test can fail
     assert not torch.equal(loss_a, loss_c)
+
+
+def test_make_npu_mesh_ignores_hccl_settings_off_npu_with_one_log_line(caplog):
+    """On the simulated (cpu) backend the settings are accepted, logged once, and the mesh is plain."""
+    import logging
+
+    from shardfn.npu import HcclOptions, make_npu_mesh
+
+    with caplog.at_level(logging.INFO):
+        mesh = make_npu_mesh((2,), ("tp",), hccl=HcclOptions.from_string("tp:300"), backend="sim")
+    assert mesh.backend == "sim" and dict(mesh.shape) == {"tp": 2}
+    assert sum("ignored" in r.getMessage() for r in caplog.records) == 1

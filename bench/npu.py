@@ -3,7 +3,7 @@
 Prints, per op, the reference's time divided by the baseline's, both measured in this run on
 this machine (CPU, one intra-op thread by default). The references trade speed for the exact
 NPU semantics (layouts, masks, statistics); this shows what that costs. Not a test: nothing is
-asserted on a time. Run: ``python bench/bench_npu_reference.py [--threads N]``.
+asserted on a time. Run: ``python bench/npu.py [--threads N]``.
 """
 from __future__ import annotations
 
