@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from shardfn.layers import (
@@ -57,7 +57,6 @@ shapes = st.tuples(
 )
 
 
-@settings(max_examples=8)
 @given(shapes, st.sampled_from(["none", "causal", "band", "bias"]), st.sampled_from([torch.float32, torch.bfloat16]))
 def test_attention_matches_reference(shape, kind, dtype):
     b, s, (h, g), d = shape
@@ -166,7 +165,6 @@ def test_dropout_uses_generator_and_matches_reference():
     assert torch.equal(out, again)
 
 
-@settings(max_examples=8)
 @given(st.lists(st.integers(1, 5), min_size=1, max_size=4), st.booleans(), st.sampled_from([(2, 2), (4, 2)]))
 def test_varlen_matches_per_document_loop(lengths, causal, heads):
     h, g = heads

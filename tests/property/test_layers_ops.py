@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from shardfn.layers import (
@@ -25,7 +25,6 @@ def _x(shape, dtype, seed=0, scale=3.0):
     return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale).to(dtype)
 
 
-@settings(max_examples=8)
 @given(dims, st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
 def test_rms_norm_formula_fp32_statistics(shape, dtype):
     x = _x(shape, dtype)
@@ -66,7 +65,6 @@ def test_layer_norm_equals_torch_module():
         torch.testing.assert_close(a, c, atol=1e-12, rtol=1e-12)
 
 
-@settings(max_examples=8)
 @given(dims, st.sampled_from([torch.float32, torch.bfloat16]))
 def test_swiglu_formula(shape, dtype):
     x = _x(shape[:-1] + (2 * shape[-1],), dtype).requires_grad_()
@@ -100,7 +98,6 @@ def _rope_reference(x, positions, dr, base, interleaved):
     return torch.cat([out, xp], dim=-1)
 
 
-@settings(max_examples=8)
 @given(st.integers(1, 6), st.sampled_from([(8, 8), (8, 4), (16, 6)]), st.booleans(), st.booleans(),
        st.sampled_from([torch.float64, torch.float32, torch.bfloat16]))
 def test_rotary_matches_complex_rotation(s, dims_, interleaved, shifted, dtype):
