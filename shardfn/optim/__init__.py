@@ -21,12 +21,27 @@ from shardfn.optim.ema import (
     fused_ema_adamw,
     swap_ema,
 )
+from shardfn.optim.reuse_fp32 import ReuseFP32State, pack_fp32, reuse_fp32_param, unpack_fp32
+from shardfn.optim.swap import (
+    SwapState,
+    SwapWindow,
+    VirtualState,
+    plan_virtual,
+    state_nbytes,
+    swap_optimizer,
+    swap_windows,
+    virtual_optimizer,
+)
 
 __all__ = [
     "AdamState",
     "EmaAdamState",
     "EmaKernelBackend",
     "EmptyState",
+    "ReuseFP32State",
+    "SwapState",
+    "SwapWindow",
+    "VirtualState",
     "GradientTransformation",
     "SgdState",
     "adam_scalars",
@@ -42,6 +57,14 @@ __all__ = [
     "fused_ema_adamw",
     "global_norm",
     "identity",
+    "pack_fp32",
+    "plan_virtual",
+    "reuse_fp32_param",
     "sgd",
+    "state_nbytes",
     "swap_ema",
+    "swap_optimizer",
+    "swap_windows",
+    "unpack_fp32",
+    "virtual_optimizer",
 ]
