@@ -34,6 +34,14 @@ def all_gather(x, axis_name, **kw):
     return _core().all_gather(x, axis_name, **kw)
 
 
+def all_gather_invariant(x, axis_name, **kw):
+    return _core().all_gather_invariant(x, axis_name, **kw)
+
+
+def pvary(x, axis_name):
+    return _core().pvary(x, axis_name)
+
+
 def axis_index(axis_name):
     return _core().axis_index(axis_name)
 
