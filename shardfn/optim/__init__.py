@@ -11,6 +11,7 @@ from shardfn.optim.base import (
     sgd,
 )
 from shardfn.optim.clip import clip_by_global_norm, global_norm
+from shardfn.optim.distributed import DistributedState, DistributedTransformation, distributed, opt_state_specs
 from shardfn.optim.ema import (
     EmaAdamState,
     EmaKernelBackend,
@@ -21,6 +22,7 @@ from shardfn.optim.ema import (
     fused_ema_adamw,
     swap_ema,
 )
+from shardfn.optim.master import MasterState, mixed_precision
 from shardfn.optim.reuse_fp32 import ReuseFP32State, pack_fp32, reuse_fp32_param, unpack_fp32
 from shardfn.optim.swap import (
     SwapState,
@@ -35,9 +37,12 @@ from shardfn.optim.swap import (
 
 __all__ = [
     "AdamState",
+    "DistributedState",
+    "DistributedTransformation",
     "EmaAdamState",
     "EmaKernelBackend",
     "EmptyState",
+    "MasterState",
     "ReuseFP32State",
     "SwapState",
     "SwapWindow",
@@ -50,6 +55,7 @@ __all__ = [
     "apply_updates",
     "chain",
     "clip_by_global_norm",
+    "distributed",
     "ema_decay_at",
     "ema_kernel_backend",
     "ema_params",
@@ -57,6 +63,8 @@ __all__ = [
     "fused_ema_adamw",
     "global_norm",
     "identity",
+    "mixed_precision",
+    "opt_state_specs",
     "pack_fp32",
     "plan_virtual",
     "reuse_fp32_param",

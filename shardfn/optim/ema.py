@@ -101,6 +101,11 @@ class EmaKernelBackend:
 def _select_backend(kind: str) -> EmaKernelBackend:
     if kind == "foreach":
         return EmaKernelBackend("foreach", reason="requested")
+    if kind == "auto":
+        try:
+            return _select_backend("compiled")
+        except RuntimeError as err:
+            return EmaKernelBackend("foreach", reason=str(err.__cause__ or err))
     t0 = time.perf_counter()
     try:
         fn = torch.compile(_inplace_kernel, dynamic=True, fullgraph=True)
@@ -111,13 +116,11 @@ def _select_backend(kind: str) -> EmaKernelBackend:
         _inplace_kernel(*ref, c)
         if not all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(xs, ref)):
             raise RuntimeError("compiled kernel disagrees with the eager formula")
-    except Exception as err:  # compilation needs a C++ toolchain; any failure means foreach.
-        if kind == "compiled":
-            raise RuntimeError(
-                f"fused_ema_adamw: impl='compiled' but torch.compile failed ({type(err).__name__}: {err}). "
-                "Use impl='auto' or impl='foreach'."
-            ) from err
-        return EmaKernelBackend("foreach", reason=f"{type(err).__name__}: {err}")
+    except Exception as err:  # compilation needs a C++ toolchain; impl='auto' then uses foreach.
+        raise RuntimeError(
+            f"fused_ema_adamw: impl='compiled' but torch.compile failed ({type(err).__name__}: {err}). "
+            "Use impl='auto' or impl='foreach'."
+        ) from err
     return EmaKernelBackend("compiled", compile_seconds=time.perf_counter() - t0, fn=fn)
 
 

@@ -17,7 +17,7 @@ from shardfn.optim import (
     sgd,
     state_nbytes,
 )
-from shardfn.optim.distributed import distributed, opt_state_specs
+from shardfn.optim import distributed, opt_state_specs
 
 _MESHES = {}
 

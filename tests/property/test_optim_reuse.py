@@ -128,3 +128,37 @@ def test_errors():
         from shardfn.optim import sgd
 
         reuse_fp32_param(sgd(0.1), deterministic=True).init({"w": torch.ones(3)})
+
+
+@pytest.mark.parametrize("use_step", [True, False])
+def test_mixed_precision_wrapper_is_the_standard_reference(use_step):
+    """mixed_precision(adamw) reproduces the hand-written masters + .to(bfloat16) loop bitwise."""
+    from shardfn.optim import mixed_precision
+
+    gen = torch.Generator().manual_seed(4)
+    w0 = {"w": torch.randn(24, 12, generator=gen), "b": torch.randn(12, generator=gen)}
+    x, y = torch.randn(16, 24, generator=gen), torch.randn(16, 12, generator=gen)
+    tx = adamw(1e-2)
+    master = {k: v.clone() for k, v in w0.items()}
+    s = tx.init(master)
+    mtx = mixed_precision(adamw(1e-2))
+    params = {k: v.bfloat16() for k, v in w0.items()}
+    ms = mtx.init({k: v.clone() for k, v in w0.items()})  # masters from the fp32 values
+    for _ in range(10):
+        bf16 = {k: v.to(torch.bfloat16) for k, v in master.items()}
+        for k in w0:
+            assert torch.equal(params[k], bf16[k])
+        g = _grads_of(bf16, x, y)
+        g32 = {k: v.float() for k, v in g.items()}
+        if use_step:
+            master, s = apply_step(tx, g32, s, master)
+        else:
+            u32, s = tx.update(g32, s, master)
+            master = apply_updates(master, u32)
+        if use_step:
+            params, ms = apply_step(mtx, g, ms, params)
+        else:
+            u, ms = mtx.update(g, ms, params)
+            params = apply_updates(params, u)
+    for k in w0:
+        assert torch.equal(ms.master[k], master[k])
