@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import optree
 import torch
+
+from shardfn import tree as _tree
 
 from shardfn.optim.base import GradientTransformation, PyTree, ScalarOrSchedule, resolve_lr
 
@@ -93,8 +94,8 @@ def adamw(
         zeros = lambda p: torch.zeros_like(p, memory_format=torch.preserve_format)  # noqa: E731
         return AdamState(
             torch.zeros((), dtype=torch.int64),
-            optree.tree_map(zeros, params),
-            optree.tree_map(zeros, params),
+            _tree.tree_map(zeros, params),
+            _tree.tree_map(zeros, params),
         )
 
     def _scalars(count):
@@ -107,7 +108,7 @@ def adamw(
         if params is None:
             raise ValueError("adamw.update: params=None; AdamW's weight decay needs the params.")
         lr_t, step_size, bc2_sqrt = _scalars(state.count)
-        g_leaves, tdef = optree.tree_flatten(grads)
+        g_leaves, tdef = _tree.flatten(grads)
         p_leaves = tdef.flatten_up_to(params)
         m_leaves = tdef.flatten_up_to(state.mu)
         v_leaves = tdef.flatten_up_to(state.nu)
@@ -121,12 +122,12 @@ def adamw(
             ups.append(p2.sub_(p))
             ms.append(m)
             vs.append(v)
-        unflat = lambda xs: optree.tree_unflatten(tdef, xs)  # noqa: E731
+        unflat = lambda xs: _tree.unflatten(tdef, xs)  # noqa: E731
         return unflat(ups), AdamState(state.count + 1, unflat(ms), unflat(vs))
 
     def step(grads, state, params):
         lr_t, step_size, bc2_sqrt = _scalars(state.count)
-        g_leaves, tdef = optree.tree_flatten(grads)
+        g_leaves, tdef = _tree.flatten(grads)
         p_leaves = tdef.flatten_up_to(params)
         m_leaves = tdef.flatten_up_to(state.mu)
         v_leaves = tdef.flatten_up_to(state.nu)

@@ -17,8 +17,9 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import attrs
-import optree
 import torch
+
+from shardfn import tree as _tree
 
 PyTree = Any
 Schedule = Callable[[int], float]
@@ -80,7 +81,7 @@ def identity() -> GradientTransformation:
 
 
 def _tree_map(fn, tree, *rest):
-    return optree.tree_map(fn, tree, *rest)
+    return _tree.tree_map(fn, tree, *rest)
 
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
@@ -100,8 +101,8 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     Raises:
         ValueError: If the two structures differ.
     """
-    p_leaves, p_def = optree.tree_flatten(params)
-    u_leaves, u_def = optree.tree_flatten(updates, none_is_leaf=True)
+    p_leaves, p_def = _tree.flatten(params)
+    u_leaves, u_def = _tree.flatten(updates)
     if len(p_leaves) != len(u_leaves):
         raise ValueError(
             f"apply_updates: params has {len(p_leaves)} leaves ({p_def}) but updates has "
@@ -116,7 +117,7 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
         else:
             wide = torch.promote_types(p.dtype, u.dtype)
             out.append((p.to(wide) + u.to(wide)).to(p.dtype))
-    return optree.tree_unflatten(p_def, out)
+    return _tree.unflatten(p_def, out)
 
 
 def apply_step(tx: GradientTransformation, grads: PyTree, state: PyTree, params: PyTree) -> tuple[PyTree, PyTree]:
@@ -239,7 +240,7 @@ def sgd(lr: float, momentum: float = 0.0, *, nesterov: bool = False, weight_deca
         return d, buf
 
     def update(grads, state, params):
-        g_leaves, tdef = optree.tree_flatten(grads)
+        g_leaves, tdef = _tree.flatten(grads)
         p_leaves = tdef.flatten_up_to(params)
         bufs = tdef.flatten_up_to(state.momentum) if momentum else [None] * len(g_leaves)
         ups, new_bufs = [], []
@@ -249,11 +250,11 @@ def sgd(lr: float, momentum: float = 0.0, *, nesterov: bool = False, weight_deca
             # same way and return the difference (exact whenever p2/2 <= p <= 2*p2).
             ups.append(p.add(d, alpha=-lr).sub_(p))
             new_bufs.append(b)
-        mom = optree.tree_unflatten(tdef, new_bufs) if momentum else ()
-        return optree.tree_unflatten(tdef, ups), SgdState(mom)
+        mom = _tree.unflatten(tdef, new_bufs) if momentum else ()
+        return _tree.unflatten(tdef, ups), SgdState(mom)
 
     def step(grads, state, params):
-        g_leaves, tdef = optree.tree_flatten(grads)
+        g_leaves, tdef = _tree.flatten(grads)
         p_leaves = tdef.flatten_up_to(params)
         bufs = tdef.flatten_up_to(state.momentum) if momentum else [None] * len(g_leaves)
         with torch.no_grad():

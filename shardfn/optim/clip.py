@@ -1,8 +1,9 @@
 """Global-norm gradient clipping, correct inside shard_map for sharded and replicated leaves."""
 from __future__ import annotations
 
-import optree
 import torch
+
+from shardfn import tree as _tree
 
 from shardfn.optim import _mesh
 from shardfn.optim.base import EmptyState, GradientTransformation, PyTree
@@ -26,7 +27,7 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     Returns:
         0-d fp32 tensor, invariant over every mesh axis.
     """
-    leaves = [x for x in optree.tree_leaves(tree) if x is not None]
+    leaves = [x for x in _tree.flatten(tree)[0] if x is not None]
     if not leaves:
         return torch.zeros(())
     groups: dict[frozenset, list[torch.Tensor]] = {}
@@ -70,6 +71,6 @@ def clip_by_global_norm(max_norm: float, *, eps: float = 1e-6) -> GradientTransf
     def update(grads, state, params=None):
         norm = global_norm(grads)
         coef = torch.clamp(max_norm / (norm + eps), max=1.0)
-        return optree.tree_map(lambda g: g * coef.to(g.dtype), grads), state
+        return _tree.tree_map(lambda g: g * coef.to(g.dtype), grads), state
 
     return GradientTransformation(init, update, name=f"clip_by_global_norm({max_norm})")

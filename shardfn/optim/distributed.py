@@ -22,8 +22,9 @@ import math
 from typing import NamedTuple, Optional, Sequence
 
 import attrs
-import optree
 import torch
+
+from shardfn import tree as _tree
 
 from shardfn.optim import _mesh
 from shardfn.optim.base import GradientTransformation, PyTree, apply_updates
@@ -128,7 +129,7 @@ def distributed(tx: GradientTransformation, axis_name: str = "dp", *, grad_reduc
         raise ValueError(f"distributed: grad_reduce={grad_reduce!r}; use 'auto', 'sum' or 'mean'.")
 
     def _layout(params):
-        leaves, tdef = optree.tree_flatten(params)
+        leaves, tdef = _tree.flatten(params)
         d = _mesh.axis_size(axis_name)
         axes = [_mesh.vma_of(p) for p in leaves]
         return leaves, tdef, d, _groups(leaves, axes, d, axis_name)
@@ -187,7 +188,7 @@ def distributed(tx: GradientTransformation, axis_name: str = "dp", *, grad_reduc
             for i, piece in zip(grp.leaves, pieces):
                 piece = piece.view(leaves[i].shape)
                 out[i] = piece if grp.dtype == torch.float32 else piece.float() - leaves[i].detach().float()
-        return optree.tree_unflatten(tdef, out), DistributedState(tuple(masters), inner)
+        return _tree.unflatten(tdef, out), DistributedState(tuple(masters), inner)
 
     return DistributedTransformation(
         init, update, name=f"distributed({tx.name}, {axis_name!r})", inner=tx, axis_name=axis_name
@@ -218,7 +219,7 @@ def opt_state_specs(tx: DistributedTransformation, params: PyTree, param_specs: 
 
     if not isinstance(tx, DistributedTransformation):
         raise TypeError(f"opt_state_specs: tx must come from distributed(...); got {tx!r}.")
-    leaves, _ = optree.tree_flatten(params)
+    leaves, _ = _tree.flatten(params)
     specs = broadcast_prefix(param_specs, params, is_leaf=lambda s: isinstance(s, P) or s is None, what="opt_state_specs: param_specs")
     axes = [frozenset(spec_axes(s)) for s in specs]
     d = mesh.shape[tx.axis_name]
@@ -238,6 +239,6 @@ def opt_state_specs(tx: DistributedTransformation, params: PyTree, param_specs: 
             "distributed() supports transformations whose state is per-element or scalar."
         )
 
-    inner_specs = optree.tree_map(spec_of, tx.inner.init(tuple(fake)))
+    inner_specs = _tree.tree_map(spec_of, tx.inner.init(tuple(fake)))
     master_specs = tuple(group_spec[k] if g.dtype != torch.float32 else P() for k, g in enumerate(groups))
     return DistributedState(master_specs, inner_specs)

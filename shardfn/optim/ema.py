@@ -20,8 +20,9 @@ import time
 from typing import NamedTuple, Optional
 
 import attrs
-import optree
 import torch
+
+from shardfn import tree as _tree
 
 from shardfn.optim.adamw import _check_hparams
 from shardfn.optim.base import GradientTransformation, PyTree, ScalarOrSchedule, resolve_lr
@@ -167,7 +168,7 @@ def flatten_params(params: PyTree, dtype: Optional[torch.dtype] = None) -> tuple
     Returns:
         ``(flat [N], views)`` where ``views`` has params' structure and shapes.
     """
-    leaves, tdef = optree.tree_flatten(params)
+    leaves, tdef = _tree.flatten(params)
     dtypes = {x.dtype for x in leaves}
     if dtype is None:
         if len(dtypes) != 1:
@@ -175,7 +176,7 @@ def flatten_params(params: PyTree, dtype: Optional[torch.dtype] = None) -> tuple
         dtype = dtypes.pop()
     flat = torch.cat([x.detach().reshape(-1).to(dtype) for x in leaves]) if leaves else torch.zeros(0, dtype=dtype)
     views = [piece.view(x.shape) for piece, x in zip(torch.split(flat, [x.numel() for x in leaves]), leaves)]
-    return flat, optree.tree_unflatten(tdef, views)
+    return flat, _tree.unflatten(tdef, views)
 
 
 def fused_ema_adamw(
@@ -224,7 +225,7 @@ def fused_ema_adamw(
     bc = 1.0 if bias_correction else 0.0
 
     def _check_fp32(params):
-        bad = [f"{path}: {x.dtype}" for path, x in zip(*optree.tree_flatten_with_path(params)[:2]) if x.dtype != torch.float32]
+        bad = [f"{path}: {x.dtype}" for path, x in zip(*_tree.flatten_with_paths(params)[:2]) if x.dtype != torch.float32]
         if bad:
             raise ValueError(
                 "fused_ema_adamw: params must be fp32 (master weights); got " + ", ".join(map(str, bad))
@@ -234,8 +235,8 @@ def fused_ema_adamw(
     def init(params):
         _check_fp32(params)
         # One flat buffer per state field; the leaves are views, so step runs one kernel per field.
-        _, mu = flatten_params(optree.tree_map(torch.zeros_like, params), torch.float32)
-        _, nu = flatten_params(optree.tree_map(torch.zeros_like, params), torch.float32)
+        _, mu = flatten_params(_tree.tree_map(torch.zeros_like, params), torch.float32)
+        _, nu = flatten_params(_tree.tree_map(torch.zeros_like, params), torch.float32)
         _, ema = flatten_params(params, torch.float32)
         return EmaAdamState(torch.zeros((), dtype=torch.int64), mu, nu, ema)
 
@@ -250,7 +251,7 @@ def fused_ema_adamw(
         return torch.tensor(vals, dtype=torch.float64)
 
     def _leaves(grads, state, params):
-        g, tdef = optree.tree_flatten(grads)
+        g, tdef = _tree.flatten(grads)
         return tdef, tdef.flatten_up_to(params), g, tdef.flatten_up_to(state.mu), tdef.flatten_up_to(state.nu), tdef.flatten_up_to(state.ema)
 
     def update(grads, state, params):
@@ -258,8 +259,8 @@ def fused_ema_adamw(
         c = _scalars(state.count).float()
         tdef, ps, gs, ms, vs, ss = _leaves(grads, state, params)
         out = [_math(p, g, m, v, s, c) for p, g, m, v, s in zip(ps, gs, ms, vs, ss)]
-        unflat = lambda i: optree.tree_unflatten(tdef, [o[i] for o in out])  # noqa: E731
-        ups = optree.tree_unflatten(tdef, [o[0] - p for o, p in zip(out, ps)])
+        unflat = lambda i: _tree.unflatten(tdef, [o[i] for o in out])  # noqa: E731
+        ups = _tree.unflatten(tdef, [o[0] - p for o, p in zip(out, ps)])
         return ups, EmaAdamState(state.count + 1, unflat(1), unflat(2), unflat(3))
 
     def step(grads, state, params):
@@ -306,7 +307,7 @@ def _foreach_step(ps, gs, ms, vs, ss, c64):
 
 def ema_params(state: EmaAdamState, params: PyTree) -> PyTree:
     """Return the EMA weights as a new tree shaped and typed like ``params`` (MindSpeed ``copy_to``)."""
-    return optree.tree_map(lambda s, p: s.detach().to(p.dtype).clone().view(p.shape), state.ema, params)
+    return _tree.tree_map(lambda s, p: s.detach().to(p.dtype).clone().view(p.shape), state.ema, params)
 
 
 def swap_ema(params: PyTree, state: EmaAdamState) -> tuple[PyTree, EmaAdamState]:
@@ -324,6 +325,6 @@ def swap_ema(params: PyTree, state: EmaAdamState) -> tuple[PyTree, EmaAdamState]
     Returns:
         ``(ema_as_params, state_with_params_as_ema)``; new tensors, inputs untouched.
     """
-    new_params = optree.tree_map(lambda s, p: s.detach().clone().to(p.dtype), state.ema, params)
-    new_ema = optree.tree_map(lambda p: p.detach().clone().to(torch.float32), params)
+    new_params = _tree.tree_map(lambda s, p: s.detach().clone().to(p.dtype), state.ema, params)
+    new_ema = _tree.tree_map(lambda p: p.detach().clone().to(torch.float32), params)
     return new_params, state._replace(ema=new_ema)

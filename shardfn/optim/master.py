@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import optree
 import torch
+
+from shardfn import tree as _tree
 
 from shardfn.optim.base import GradientTransformation, PyTree, apply_step, apply_updates
 
@@ -35,21 +36,21 @@ def mixed_precision(tx: GradientTransformation, *, master_dtype: torch.dtype = t
     """
 
     def init(params):
-        master = optree.tree_map(lambda p: p.detach().to(master_dtype, copy=True), params)
+        master = _tree.tree_map(lambda p: p.detach().to(master_dtype, copy=True), params)
         return MasterState(master, tx.init(master))
 
     def update(grads, state, params):
-        g = optree.tree_map(lambda x: x.to(master_dtype), grads)
+        g = _tree.tree_map(lambda x: x.to(master_dtype), grads)
         u, inner = tx.update(g, state.inner, state.master)
         master = apply_updates(state.master, u)
-        ups = optree.tree_map(lambda m, p: m.to(p.dtype).to(master_dtype) - p.to(master_dtype), master, params)
+        ups = _tree.tree_map(lambda m, p: m.to(p.dtype).to(master_dtype) - p.to(master_dtype), master, params)
         return ups, MasterState(master, inner)
 
     def step(grads, state, params):
-        g = optree.tree_map(lambda x: x.to(master_dtype), grads)
+        g = _tree.tree_map(lambda x: x.to(master_dtype), grads)
         master, inner = apply_step(tx, g, state.inner, state.master)
         with torch.no_grad():
-            for p, m in zip(optree.tree_leaves(params), optree.tree_leaves(master)):
+            for p, m in zip(_tree.flatten(params)[0], _tree.flatten(master)[0]):
                 p.copy_(m)
         return params, MasterState(master, inner)
 

@@ -14,14 +14,17 @@ so 1 is subtracted after the add and the fact is kept in the sign bit of the Ada
 (``exp_avg_sq >= 0`` always; ``signbit`` also survives ``-0.0``, so no element loses its bit).
 
 Storage: bf16 params + fp32 masters cost 6 bytes per parameter; here 4, exactly 2 less.
+Big-endian hosts are not supported (the slot order differs): ``NotImplementedError``. Combining
+with ``distributed`` (MindSpeed's per-rank slot overlay) is not implemented here.
 """
 from __future__ import annotations
 
 import sys
 from typing import NamedTuple, Optional
 
-import optree
 import torch
+
+from shardfn import tree as _tree
 from einops import rearrange
 
 from shardfn.optim.adamw import AdamState
@@ -113,11 +116,11 @@ def _find_nu(tree) -> Optional[torch.Tensor]:
 
 
 def _views(buffer: torch.Tensor, shapes_tree: PyTree) -> PyTree:
-    shapes, tdef = optree.tree_flatten(shapes_tree, is_leaf=lambda x: isinstance(x, torch.Size))
+    shapes, tdef = _tree.flatten(shapes_tree, is_leaf=lambda x: isinstance(x, torch.Size))
     n = buffer.numel()
     bf16 = buffer.view(torch.bfloat16)[n:]
     sizes = [s.numel() for s in shapes]
-    return optree.tree_unflatten(tdef, [p.view(s) for p, s in zip(torch.split(bf16, sizes), shapes)])
+    return _tree.unflatten(tdef, [p.view(s) for p, s in zip(torch.split(bf16, sizes), shapes)])
 
 
 def reuse_fp32_param(tx: GradientTransformation, *, deterministic: bool = False) -> GradientTransformation:
@@ -154,16 +157,16 @@ def reuse_fp32_param(tx: GradientTransformation, *, deterministic: bool = False)
         return nu
 
     def init(params):
-        leaves, tdef = optree.tree_flatten(params)
+        leaves, tdef = _tree.flatten(params)
         master = torch.cat([x.detach().reshape(-1).float() for x in leaves]) if leaves else torch.zeros(0)
         inner = tx.init(master.clone())
         buffer = master.view(torch.int32)
         pack_fp32(buffer, _nu(inner))
-        shapes = optree.tree_unflatten(tdef, [x.shape for x in leaves])
+        shapes = _tree.unflatten(tdef, [x.shape for x in leaves])
         return ReuseFP32State(buffer, _views(buffer, shapes), inner)
 
     def step(grads, state, params=None):
-        g_leaves = optree.tree_leaves(grads)
+        g_leaves = _tree.flatten(grads)[0]
         g = torch.cat([x.detach().reshape(-1).float() for x in g_leaves]) if g_leaves else torch.zeros(0)
         with torch.no_grad():
             master = unpack_fp32(state.buffer, _nu(state.inner))
@@ -174,12 +177,12 @@ def reuse_fp32_param(tx: GradientTransformation, *, deterministic: bool = False)
         return state.params, state._replace(inner=inner)
 
     def update(grads, state, params=None):
-        inner = optree.tree_map(lambda x: x.clone(), state.inner)
+        inner = _tree.tree_map(lambda x: x.clone(), state.inner)
         buffer = state.buffer.clone()
-        shapes = optree.tree_map(lambda x: x.shape, state.params)
+        shapes = _tree.tree_map(lambda x: x.shape, state.params)
         copy = ReuseFP32State(buffer, _views(buffer, shapes), inner)
         new_params, new_state = step(grads, copy, None)
-        updates = optree.tree_map(lambda new, old: new.float() - old.float(), new_params, state.params)
+        updates = _tree.tree_map(lambda new, old: new.float() - old.float(), new_params, state.params)
         return updates, new_state
 
     return GradientTransformation(init, update, step, name=f"reuse_fp32_param({tx.name}, deterministic={deterministic})")

@@ -22,8 +22,9 @@ import sys
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import attrs
-import optree
 import torch
+
+from shardfn import tree as _tree
 
 from shardfn.optim.base import GradientTransformation, PyTree, apply_updates
 
@@ -42,7 +43,7 @@ __all__ = [
 def state_nbytes(tree: PyTree) -> int:
     """Bytes of the distinct storages under ``tree`` (views of one storage count once)."""
     seen: dict[int, int] = {}
-    for x in optree.tree_leaves(tree):
+    for x in _tree.flatten(tree)[0]:
         if isinstance(x, torch.Tensor):
             s = x.untyped_storage()
             seen[s.data_ptr() if s.nbytes() else id(x)] = s.nbytes()
@@ -117,7 +118,7 @@ def _device_copy(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _tensors(tree) -> list[torch.Tensor]:
-    return [x for x in optree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+    return [x for x in _tree.flatten(tree)[0] if isinstance(x, torch.Tensor)]
 
 
 def swap_optimizer(
@@ -147,12 +148,12 @@ def swap_optimizer(
     swap_windows([], times)
 
     def init(params):
-        leaves = optree.tree_leaves(params)
+        leaves = _tree.flatten(params)[0]
         # Per leaf, so the init-time peak is one leaf's state, as MindSpeed does it.
-        return SwapState(tuple(optree.tree_map(lambda x: _host_copy(x, host), tx.init(p)) for p in leaves))
+        return SwapState(tuple(_tree.tree_map(lambda x: _host_copy(x, host), tx.init(p)) for p in leaves))
 
     def _run(grads, state, params, *, in_place: bool):
-        g_leaves, tdef = optree.tree_flatten(grads)
+        g_leaves, tdef = _tree.flatten(grads)
         p_leaves = tdef.flatten_up_to(params)
         if len(state.inner) != len(p_leaves):
             raise ValueError(f"swap_optimizer: state has {len(state.inner)} leaf states, params have {len(p_leaves)} leaves.")
@@ -162,7 +163,7 @@ def swap_optimizer(
             dev_bytes = h2d = d2h = 0
             for i in idx:
                 p, g, host_state = p_leaves[i], g_leaves[i], state.inner[i]
-                dev_state = optree.tree_map(lambda x: _device_copy(x, p.device), host_state)
+                dev_state = _tree.tree_map(lambda x: _device_copy(x, p.device), host_state)
                 nb = sum(x.nbytes for x in _tensors(dev_state))
                 dev_bytes, h2d = dev_bytes + nb, h2d + nb
                 if in_place and tx.step is not None:
@@ -174,12 +175,12 @@ def swap_optimizer(
                     for dst, src in zip(_tensors(host_state), _tensors(dev_state)):
                         dst.copy_(src)
                 else:
-                    new_inner[i] = optree.tree_map(lambda x: _host_copy(x, host), dev_state)
+                    new_inner[i] = _tree.tree_map(lambda x: _host_copy(x, host), dev_state)
                 d2h += nb
                 del dev_state
             if on_window is not None:
                 on_window(SwapWindow(w, tuple(idx), dev_bytes, h2d, d2h))
-        return optree.tree_unflatten(tdef, out), SwapState(tuple(new_inner))
+        return _tree.unflatten(tdef, out), SwapState(tuple(new_inner))
 
     def update(grads, state, params):
         return _run(grads, state, params, in_place=False)
@@ -260,37 +261,37 @@ def virtual_optimizer(
     plan_virtual([], budget)
 
     def init(params):
-        leaves = optree.tree_leaves(params)
+        leaves = _tree.flatten(params)[0]
         states = [tx.init(p) for p in leaves]
         movable = []  # (leaf index, position among that state's tensors)
         for i, s in enumerate(states):
-            for j, x in enumerate(optree.tree_leaves(s)):
+            for j, x in enumerate(_tree.flatten(s)[0]):
                 if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() > 0:
                     movable.append((i, j, x.nbytes))
         on_host = plan_virtual([n for _, _, n in movable], budget)
         chosen = {(i, j) for (i, j, _), h in zip(movable, on_host) if h}
         placed = []
         for i, s in enumerate(states):
-            xs, sdef = optree.tree_flatten(s)
+            xs, sdef = _tree.flatten(s)
             dev = leaves[i].device
             xs = [_swapped_alloc(x, dev, host) if (i, j) in chosen else x for j, x in enumerate(xs)]
-            placed.append(optree.tree_unflatten(sdef, xs))
+            placed.append(_tree.unflatten(sdef, xs))
         return VirtualState(tuple(placed))
 
     def update(grads, state, params):
-        g_leaves, tdef = optree.tree_flatten(grads)
+        g_leaves, tdef = _tree.flatten(grads)
         p_leaves = tdef.flatten_up_to(params)
         ups, new = [], []
         for g, p, s in zip(g_leaves, p_leaves, state.inner):
-            xs, sdef = optree.tree_flatten(s)
+            xs, sdef = _tree.flatten(s)
             homes = [x.device for x in xs]
             # NPU swapped memory is addressed in place; elsewhere bring host tensors over.
-            work = optree.tree_unflatten(sdef, [x if x.device == p.device or p.device.type == "npu" else x.to(p.device) for x in xs])
+            work = _tree.unflatten(sdef, [x if x.device == p.device or p.device.type == "npu" else x.to(p.device) for x in xs])
             u, work = tx.update(g, work, p)
-            ys = [y if y.device == d else y.to(d) for y, d in zip(optree.tree_leaves(work), homes)]
+            ys = [y if y.device == d else y.to(d) for y, d in zip(_tree.flatten(work)[0], homes)]
             ups.append(u)
-            new.append(optree.tree_unflatten(sdef, ys))
-        return optree.tree_unflatten(tdef, ups), VirtualState(tuple(new))
+            new.append(_tree.unflatten(sdef, ys))
+        return _tree.unflatten(tdef, ups), VirtualState(tuple(new))
 
     name = f"virtual_optimizer({tx.name}, budget_bytes={budget_bytes}, stage={stage})"
     return GradientTransformation(init, update, name=name)
