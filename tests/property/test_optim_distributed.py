@@ -247,8 +247,9 @@ def test_state_checkpoint_round_trip(tmp_path):
     upd = shard_map(dtx.update, mesh=mesh, in_specs=(P(), specs, P()), out_specs=(P(), specs))
     g = {k: torch.randn(v.shape) for k, v in params.items()}
     _, state = upd(g, state, params)
-    torch.save(state, tmp_path / "opt.pt")
-    loaded = torch.load(tmp_path / "opt.pt")
+    leaves, treespec = optree.tree_flatten(state)
+    torch.save(leaves, tmp_path / "opt.pt")  # plain tensors: loads with weights_only=True
+    loaded = optree.tree_unflatten(treespec, torch.load(tmp_path / "opt.pt", weights_only=True))
     u1, s1 = upd(g, state, params)
     u2, s2 = upd(g, loaded, params)
     for a, b in zip(optree.tree_leaves((u1, s1)), optree.tree_leaves((u2, s2))):
