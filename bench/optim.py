@@ -26,7 +26,6 @@ from shardfn.optim import (
     ema_kernel_backend,
     fused_ema_adamw,
     mixed_precision,
-    opt_state_specs,
     reuse_fp32_param,
     swap_optimizer,
 )

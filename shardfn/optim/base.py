@@ -37,10 +37,6 @@ __all__ = [
 ]
 
 
-def _short(fn: Callable) -> str:
-    return getattr(fn, "__qualname__", repr(fn))
-
-
 @attrs.frozen
 class GradientTransformation:
     """A pure optimizer: ``init(params) -> state``, ``update(grads, state, params) -> (updates, state)``.
@@ -183,10 +179,6 @@ def chain(*txs: GradientTransformation) -> GradientTransformation:
 
     name = "chain(" + ", ".join(t.name for t in txs) + ")"
     return GradientTransformation(init, update, step, name=name)
-
-
-def _count(state_count: torch.Tensor) -> int:
-    return int(state_count.item())
 
 
 def resolve_lr(lr: ScalarOrSchedule, step: int) -> float:

@@ -19,7 +19,7 @@ bytes per device are ``1/d`` of the total plus padding.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Sequence
 
 import attrs
 import torch
