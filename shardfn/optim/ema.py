@@ -267,13 +267,22 @@ def fused_ema_adamw(
         _check_fp32(params)
         c64 = _scalars(state.count)
         tdef, ps, gs, ms, vs, ss = _leaves(grads, state, params)
+        if not all(x.is_contiguous() for xs in (ps, ms, vs, ss) for x in xs):
+            # The kernels write through flat views; strided leaves take the pure path and copy back.
+            ups, new = update(grads, state, params)
+            with torch.no_grad():
+                for p, u in zip(ps, _tree.flatten(ups)[0]):
+                    p.add_(u)
+                for dst, src in zip(_tree.flatten(state)[0], _tree.flatten(new)[0]):
+                    dst.copy_(src)
+            return params, state
         backend = ema_kernel_backend(impl)
         with torch.no_grad():
             groups = [_contiguous_base(xs) for xs in (ps, gs, ms, vs, ss)]
             if all(x is not None for x in groups):
                 buffers = [groups]
             else:
-                buffers = [[p.view(-1), g.reshape(-1), m.view(-1), v.view(-1), s.view(-1)] for p, g, m, v, s in zip(ps, gs, ms, vs, ss)]
+                buffers = [[x.view(-1) for x in (p, g.contiguous(), m, v, s)] for p, g, m, v, s in zip(ps, gs, ms, vs, ss)]
             buffers = [b for b in buffers if b[0].numel() > 0]
             if backend.kind == "compiled":
                 c = c64.float()

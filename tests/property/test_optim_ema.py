@@ -166,3 +166,14 @@ def test_errors_name_the_argument():
         fused_ema_adamw(1e-3, impl="cuda")
     with pytest.raises(ValueError, match="fp32"):
         fused_ema_adamw(1e-3, impl="foreach").init({"w": torch.ones(2, dtype=torch.bfloat16)})
+
+
+def test_step_on_strided_params_writes_through():
+    base = torch.randn(6, 4)
+    params = {"w": base.t()}  # non-contiguous view
+    g = {"w": torch.randn(4, 6)}
+    tx = fused_ema_adamw(1e-2, impl="foreach")
+    ref_p, _ = _run(tx, {"w": base.t().clone()}, [g], use_step=False)
+    p, _ = apply_step(tx, g, tx.init(params), params)
+    assert p["w"] is params["w"]
+    torch.testing.assert_close(base.t(), ref_p["w"], rtol=0, atol=0)
