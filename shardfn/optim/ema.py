@@ -256,9 +256,9 @@ def fused_ema_adamw(
 
     def update(grads, state, params):
         _check_fp32(params)
-        c = _scalars(state.count).float()
+        c64 = _scalars(state.count)
         tdef, ps, gs, ms, vs, ss = _leaves(grads, state, params)
-        out = [_math(p, g, m, v, s, c) for p, g, m, v, s in zip(ps, gs, ms, vs, ss)]
+        out = [_math(p, g, m, v, s, c64.to(device=p.device, dtype=torch.float32)) for p, g, m, v, s in zip(ps, gs, ms, vs, ss)]
         unflat = lambda i: _tree.unflatten(tdef, [o[i] for o in out])  # noqa: E731
         ups = _tree.unflatten(tdef, [o[0] - p for o, p in zip(out, ps)])
         return ups, EmaAdamState(state.count + 1, unflat(1), unflat(2), unflat(3))
@@ -285,9 +285,8 @@ def fused_ema_adamw(
                 buffers = [[x.view(-1) for x in (p, g.contiguous(), m, v, s)] for p, g, m, v, s in zip(ps, gs, ms, vs, ss)]
             buffers = [b for b in buffers if b[0].numel() > 0]
             if backend.kind == "compiled":
-                c = c64.float()
                 for p, g, m, v, s in buffers:
-                    backend.fn(p, g, m, v, s, c)
+                    backend.fn(p, g, m, v, s, c64.to(device=p.device, dtype=torch.float32))
             elif buffers:
                 _foreach_step(*zip(*buffers), c64)
             state.count.add_(1)
