@@ -19,7 +19,8 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     global tensor for every mesh axis it varies over (``shardfn.vma_of``), so its sum of
     squares is ``psum``'d over exactly those axes, never over axes it is replicated on
     (that would count a replicated leaf axis_size times). Leaves are grouped by their axis
-    set, so there is one psum per distinct set.
+    set, so there is one psum per distinct set. This reads the vma sets, so inside shard_map it
+    needs ``check_vma=True`` (with ``check_vma=False`` every leaf looks replicated).
 
     Args:
         tree: Pytree of tensors (local blocks inside shard_map).
