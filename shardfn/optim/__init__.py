@@ -1,4 +1,15 @@
-"""Functional optimizers (optax style): pure ``init``/``update`` pairs over pytrees."""
+"""Functional optimizers (optax style): pure ``init``/``update`` pairs over pytrees.
+
+    tx = chain(clip_by_global_norm(1.0), adamw(1e-3))
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params)     # pure
+    params = apply_updates(params, updates)
+    params, state = apply_step(tx, grads, state, params)  # in place where tx has a step
+
+Wrappers change where state lives, not the numbers: ``mixed_precision`` (fp32 masters),
+``reuse_fp32_param`` (masters sharing the bf16 params' storage), ``distributed`` (ZeRO-1 over a
+mesh axis, inside shard_map), ``swap_optimizer`` / ``virtual_optimizer`` (host memory).
+"""
 from shardfn.optim.adamw import AdamState, adam_scalars, adamw
 from shardfn.optim.base import (
     EmptyState,
