@@ -254,3 +254,29 @@ def test_state_checkpoint_round_trip(tmp_path):
     u2, s2 = upd(g, loaded, params)
     for a, b in zip(optree.tree_leaves((u1, s1)), optree.tree_leaves((u2, s2))):
         assert torch.equal(a, b)
+
+
+@settings(max_examples=8)
+@given(
+    dp=st.sampled_from([2, 3, 4]),
+    shapes=st.lists(st.lists(st.integers(1, 5), min_size=1, max_size=2), min_size=1, max_size=4),
+    seed=st.integers(0, 1000),
+)
+def test_any_layout_pads_and_matches(dp, shapes, seed):
+    """Random leaf shapes (leaves straddle shard boundaries, total rarely divisible by dp)."""
+    mesh = _mesh((dp,), ("dp",))
+    params = _params(shapes, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    g = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
+    dtx, tx = distributed(adamw(1e-2, weight_decay=0.1), "dp"), adamw(1e-2, weight_decay=0.1)
+    specs = opt_state_specs(dtx, params, P(), mesh)
+    state = shard_map(dtx.init, mesh=mesh, in_specs=(P(),), out_specs=specs)(params)
+    u, state = shard_map(dtx.update, mesh=mesh, in_specs=(P(), specs, P()), out_specs=(P(), specs))(g, state, params)
+    u_ref, s_ref = tx.update(g, tx.init(params), params)
+    for k in params:
+        assert torch.equal(u[k], u_ref[k])
+    n = sum(v.numel() for v in params.values())
+    mu = state.inner.mu[0]
+    assert mu.shape == (max(dp, -(-n // dp) * dp),)
+    assert torch.equal(mu[:n], torch.cat([s_ref.mu[k].reshape(-1) for k in sorted(params)]))
+    assert not mu[n:].any()  # padding stays inert
