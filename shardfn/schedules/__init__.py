@@ -17,6 +17,7 @@ from .actions import Action, Kind, parse_action
 from .comms import add_comms
 from .deps import Event, ready
 from .dualpipe import dualpipev, dualpipev_phase_counts
+from .interop import from_torch_order, to_torch_strings
 from .generators import gpipe, interleaved_1f1b, nanopipe, one_f_one_b
 from .placement import (
     LayerPartition,
@@ -48,6 +49,8 @@ __all__ = [
     "dualpipev",
     "dualpipev_phase_counts",
     "add_comms",
+    "from_torch_order",
+    "to_torch_strings",
     "validate",
     "simulate",
     "Timeline",
