@@ -11,14 +11,13 @@ returns DTensors.
 from __future__ import annotations
 
 import functools
-from contextlib import nullcontext
 
 import torch
 
 from shardfn import context, debug
 from shardfn.mesh import Mesh, current_mesh
 from shardfn.spec import P, check_spec, entry_axes, join_blocks, local_block, spec_axes
-from shardfn.tree import broadcast_prefix, flatten_with_paths, format_path, unflatten
+from shardfn.tree import broadcast_prefix, flatten, flatten_with_paths, format_path, unflatten
 from shardfn.vma import VmaMode, set_vma, vma_of
 
 __all__ = ["shard_map"]
@@ -129,9 +128,35 @@ class _Call:
         return unflatten(self.treespec, leaves), locals_
 
     def _call_f(self, ctx, args):
-        mode = VmaMode(ctx) if self.check_vma and self.mesh.size > 1 else nullcontext()
-        with mode:
+        if not (self.check_vma and self.mesh.size > 1):
             return self.f(*args)
+        with VmaMode(ctx):
+            out = self.f(*args)
+        return self._pvary_outputs(ctx, out)
+
+    def _pvary_outputs(self, ctx, out):
+        """pvary each output over the axes its out_spec names but it does not vary over.
+
+        Such an output is copied into every block of those axes, so the transpose must sum the
+        blocks' cotangents over them (JAX does the same); without this a replicated value
+        returned under a split out_spec gets only its own block's gradient.
+        """
+        from shardfn.primitives.collectives import _pvary_tensor
+
+        leaves, treespec = flatten(out)
+        try:
+            specs = broadcast_prefix(self.out_specs, out, is_leaf=_is_spec, what="out_specs")
+        except (TypeError, ValueError):
+            return out  # reported with context by _flatten_out / _check_outputs
+        changed = False
+        for k, (leaf, spec) in enumerate(zip(leaves, specs)):
+            if not (isinstance(leaf, torch.Tensor) and leaf.requires_grad and isinstance(spec, P)):
+                continue
+            missing = tuple(a for a in spec_axes(spec) if a in self.mesh.shape and a not in vma_of(leaf))
+            if missing:
+                leaves[k] = _pvary_tensor(leaf, missing, ctx)
+                changed = True
+        return unflatten(treespec, leaves) if changed else out
 
     def _flatten_out(self, out):
         paths, leaves, treespec = flatten_with_paths(out)
