@@ -387,17 +387,15 @@ def _gather(api, fn, x, axis_name, dim, tiled):
     invariant = fn is _AllGatherInvariant
 
     def one(t):
-        if tiled:
-            d = _dim(dim, t.dim(), api)
-            src = t
-        else:
-            d = _dim(dim, t.dim() + 1, api)
-            src = _suspended(ctx, t.unsqueeze, d)
+        d = _dim(dim, t.dim() if tiled else t.dim() + 1, api)
         if invariant:
             v = vma_of(t)
+            src = t if tiled else _suspended(ctx, t.unsqueeze, d)
             y = _suspended(ctx, fn.apply, src, axes, d, ctx)
             return set_vma(y, v - frozenset(axes)) if ctx.check_vma else y
-        src, v = _lift(src, axes, ctx)
+        # lift before unsqueezing: the unsqueezed view carries no vma of its own
+        t, v = _lift(t, axes, ctx)
+        src = t if tiled else _suspended(ctx, t.unsqueeze, d)
         y = _suspended(ctx, fn.apply, src, axes, d, ctx)
         return set_vma(y, v | frozenset(axes)) if ctx.check_vma else y
 
