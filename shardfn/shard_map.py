@@ -220,8 +220,10 @@ class _Call:
         from shardfn.backends.sim import _Run, SimComm
 
         runtime = self.mesh.runtime
-        run = _Run(runtime, self.check_vma, None)
-        ctx = context.DeviceContext(self.mesh, 0, SimComm(run, 0), check_vma=self.check_vma, recorders=None)
+        # no vma tracking inline: collectives must not tag values either, or vma_of and the
+        # out_specs check would see some axes (axis_index, all_gather) and not others (ops)
+        run = _Run(runtime, False, None)
+        ctx = context.DeviceContext(self.mesh, 0, SimComm(run, 0), check_vma=False, recorders=None)
         leaves = list(self.leaves)
         with context.use(ctx):
             out = self.f(*unflatten(self.treespec, leaves))
