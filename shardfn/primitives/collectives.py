@@ -268,6 +268,24 @@ class _Ppermute(_Function):
         return _permute(ctx.dc, "backward", g.contiguous(), ctx.axes, inverse), None, None, None
 
 
+class _PvaryInplace(_Function):
+    @staticmethod
+    def forward(ctx, x, axes, dc):
+        ctx.axes, ctx.dc = axes, dc
+        ctx.mark_dirty(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):  # transpose of pvary: psum
+        return _all_reduce(ctx.dc, "backward", "psum", g, ctx.axes, "sum"), None, None
+
+
+def _pvary_inplace(t, axes, ctx):
+    """pvary `t` in place (before an in-place op makes an invariant tensor varying)."""
+    _suspended(ctx, _PvaryInplace.apply, t, axes, ctx)
+    return t
+
+
 def _pvary_tensor(t, axes, ctx):
     """pvary one tensor over `axes` (used by the vma mode's automatic lift)."""
     y = _suspended(ctx, _Pvary.apply, t, axes, ctx)
