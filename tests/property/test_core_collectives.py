@@ -413,3 +413,25 @@ def test_count_comms_backward_is_the_transpose(name, data):
             }[name]]
         back = [(r.name, r.bytes_sent) for r in log.records if r.device == d and r.phase == "backward"]
         assert back == want, (d, back, want)
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+@pytest.mark.parametrize("dim", [0, 1, 2])
+def test_all_to_all_split_dim_equals_concat_dim(tiled, dim):
+    """split_dim == concat_dim: the dim keeps its size and holds one chunk from each member in order."""
+    mesh = cached_mesh((2, 2), ("a", "b"))
+    axes = ("b", "a")
+    block = [2, 3, 2]
+    block[dim] = 8 if tiled else 4
+    x = torch.arange(4 * math.prod(block), dtype=torch.float64).reshape([4] + block)
+    got = mapped(mesh, lambda t: shardfn.all_to_all(t, axes, dim, dim, tiled=tiled))(x)
+    blocks = list(x.unbind(0))
+    for d in range(4):
+        ms, i = group_of(mesh, d, axes)
+        want = torch.cat([blocks[m].chunk(4, dim)[i] for m in ms], dim)
+        assert torch.equal(got[d], want), d
+    # and it is its own transpose: <f(x), y> == <x, f(y)> summed over devices
+    xr = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    f = mapped(mesh, lambda t: shardfn.all_to_all(t, axes, dim, dim, tiled=tiled))
+    torch.testing.assert_close((f(xr) * y).sum(), (xr * f(y)).sum(), rtol=RTOL, atol=ATOL)
