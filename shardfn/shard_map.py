@@ -276,6 +276,12 @@ class _Call:
         return [x for x in joined if isinstance(x, torch.Tensor)]
 
     def _sim_backward(self, grads):
+        if self._locals is None:
+            raise RuntimeError(
+                "shard_map (sim backend): this call's backward already ran and freed the per-device "
+                "graphs, so backward(retain_graph=True) twice through it is not supported. Call the "
+                "mapped function again for a second backward pass."
+            )
         tensor_out = [k for k, x in enumerate(self._template) if isinstance(x, torch.Tensor)]
         out_specs = [self.out_leaf_specs[k] for k in tensor_out]
 
