@@ -186,3 +186,15 @@ def test_mesh_attributes():
     with pytest.raises(TypeError):
         mesh.shape["dp"] = 4  # read-only
     assert repr(P("dp", None)) == "P('dp', None)" and P("a") == P(("a",)) and hash(P("a", None)) == hash(P("a", None))
+
+
+def test_second_backward_through_a_sim_call_is_a_clear_error():
+    mesh = _mesh()
+    f = shard_map(lambda x: x * 2, mesh=mesh, in_specs=P(("a", "b")), out_specs=P(("a", "b")))
+    x = torch.ones(4, requires_grad=True)
+    y = f(x).sum()
+    y.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=r"retain_graph=True\) twice"):
+        y.backward()
+    f(x).sum().backward()  # a fresh call is fine
+    assert torch.equal(x.grad, torch.full((4,), 4.0))

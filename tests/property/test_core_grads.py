@@ -247,3 +247,16 @@ def test_one_device_mesh_runs_inline_with_autograd():
     x = _seeded((3, 2), 16)
     f = shard_map(lambda x: psum(torch.sin(x), "a") * shardfn.axis_size("a"), mesh=mesh, in_specs=P("a"), out_specs=P("a"))
     assert_equivalent(f, torch.sin, x, rtol=RTOL, atol=ATOL)
+
+
+def test_integer_and_python_outputs_next_to_differentiable_ones():
+    """int64 tensors (axis_index) and Python numbers (psum of an int) come out unchanged; grads flow."""
+    mesh = cached_mesh((2, 2), ("a", "b"))
+    x = _seeded((4,), 17)
+    f = shard_map(lambda x: (torch.sin(x), shardfn.axis_index(("b", "a")).reshape(1), psum(1, ("a", "b"))),
+                  mesh=mesh, in_specs=P(("a", "b")), out_specs=(P(("a", "b")), P(("a", "b")), None))
+    xs = x.clone().requires_grad_(True)
+    y, idx, n = f(xs)
+    assert idx.tolist() == [0, 2, 1, 3] and idx.dtype == torch.int64 and n == 4
+    (g,) = torch.autograd.grad(y, xs, torch.ones(4, dtype=torch.float64))
+    _close(g, torch.cos(x))
