@@ -422,7 +422,9 @@ def _gather(api, fn, x, axis_name, dim, tiled):
     def one(t):
         d = _dim(dim, t.dim() if tiled else t.dim() + 1, api)
         if invariant:
-            v = vma_of(t)
+            # an invariant operand is still lifted: the slice transpose leaves each device only its
+            # own block of g, and the pvary's psum adds the other blocks back
+            t, v = _lift(t, axes, ctx)
             src = t if tiled else _suspended(ctx, t.unsqueeze, d)
             y = _suspended(ctx, _apply, fn, src, axes, d, ctx)
             return set_vma(y, v - frozenset(axes)) if ctx.check_vma else y
