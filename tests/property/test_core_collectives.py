@@ -435,3 +435,33 @@ def test_all_to_all_split_dim_equals_concat_dim(tiled, dim):
     y = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     f = mapped(mesh, lambda t: shardfn.all_to_all(t, axes, dim, dim, tiled=tiled))
     torch.testing.assert_close((f(xr) * y).sum(), (xr * f(y)).sum(), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", [c for c in DIFFERENTIABLE if c not in ("pmax", "pmin")])
+@given(data=st.data())
+def test_collective_of_replicated_input_gradient(name, data):
+    """A replicated (invariant) input fed to a collective is lifted by pvary: its gradient sums over devices.
+
+    pmax/pmin are left out: on equal copies the extreme is a tie everywhere (not differentiable).
+    """
+    mesh = data.draw(meshes(), label="mesh")
+    axis_name = data.draw(axis_names(mesh), label="axis_name")
+    axes = as_tuple(axis_name)
+    n = math.prod(mesh.shape[a] for a in axes)
+    case = make_case(name, data.draw, axis_name, n)
+    every = P(tuple(mesh.axis_names))
+    w = torch.randn(case.block, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    groups = [group_of(mesh, d, axes) for d in range(mesh.size)]
+
+    def ref(w):
+        blocks = [w] * mesh.size
+        return torch.stack([case.ref(blocks, ms, i) for ms, i in groups])
+
+    want_y = ref(w)
+    cot = torch.randn(want_y.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    f = shard_map(lambda t: case.local(t).unsqueeze(0), mesh=mesh, in_specs=P(), out_specs=every)
+    ws = w.clone().requires_grad_(True)
+    y = f(ws)
+    torch.testing.assert_close(y.detach(), want_y, rtol=RTOL, atol=ATOL)
+    (got,) = torch.autograd.grad(y, ws, cot)
+    torch.testing.assert_close(got, torch.func.grad(lambda t: (ref(t) * cot).sum())(w), rtol=RTOL, atol=ATOL)
