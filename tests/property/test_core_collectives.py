@@ -382,8 +382,12 @@ def test_count_comms_matches_ring_formulas(name, data):
         want = expected_bytes(name, case, n, x.element_size(), mesh, axes)
     got = {d: log.bytes_sent(d, phase="forward") for d in range(mesh.size)}
     assert got == want, (name, axis_name, dict(mesh.shape), got, want)
+    record_name = {"pmean": "psum", "all_gather_tiled": "all_gather", "all_gather_invariant": "all_gather",
+                   "psum_scatter_tiled": "psum_scatter", "all_to_all_tiled": "all_to_all"}.get(name, name)
     for r in log.records:
-        assert r.axis_name == axes and r.phase == "forward"
+        assert (r.name, r.axis_name, r.phase) == (record_name, axes, "forward"), r
+    if n > 1:  # one record per device per call
+        assert sorted(r.device for r in log.records) == list(range(mesh.size))
 
 
 @pytest.mark.parametrize("name", ["all_gather", "all_gather_tiled", "psum_scatter", "all_to_all_tiled", "ppermute"])
