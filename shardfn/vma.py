@@ -116,3 +116,61 @@ class VmaMode(TorchFunctionMode):
             return x
 
         return tuple(fix(a) for a in args), {k: fix(v) for k, v in kwargs.items()}
+
+
+# ---- custom autograd Functions -----------------------------------------------------------------
+# A torch function mode sees the ops inside a custom autograd.Function's forward but not the call
+# itself, so the automatic pvary would be missing for the Function's operands and a replicated
+# weight passed into one (a fused norm, an attention kernel) would get only its local gradient.
+# Function.apply is therefore wrapped once: inside a tracked shard_map program it applies the same
+# rule as the mode (lift operands that need gradients, tag outputs with the union); anywhere else
+# it is the original apply.
+_original_apply = None
+
+
+def install_function_hook() -> None:
+    """Wrap torch.autograd.Function.apply with the vma rule (idempotent; a no-op outside shard_map)."""
+    global _original_apply
+    if _original_apply is not None:
+        return
+    from shardfn import context
+
+    original = torch.autograd.Function.__dict__["apply"].__func__
+
+    def apply(cls, *args, **kwargs):
+        ctx = context.current()
+        if ctx is None or ctx.suspended or not ctx.check_vma:
+            return original(cls, *args, **kwargs)
+        return _tracked_apply(ctx, original, cls, args, kwargs)
+
+    apply.__doc__ = original.__doc__
+    torch.autograd.Function.apply = classmethod(apply)
+    _original_apply = original
+
+
+def _tracked_apply(ctx, original, cls, args, kwargs):
+    found = [a for a in args if isinstance(a, _Tensor)]
+    found += [b for a in args if isinstance(a, (list, tuple)) for b in a if isinstance(b, _Tensor)]
+    found += [a for a in kwargs.values() if isinstance(a, _Tensor)]
+    union = EMPTY
+    for t in found:
+        v = getattr(t, _ATTR, EMPTY)
+        if v:
+            union = union | v
+    if not union:
+        return original(cls, *args, **kwargs)
+    lift = {}
+    for t in found:
+        v = getattr(t, _ATTR, EMPTY)
+        if v != union and t.requires_grad:
+            lift[id(t)] = (t, union - v)
+    if lift:
+        args, kwargs = VmaMode(ctx)._lift(args, kwargs, lift)
+    prev = ctx.suspended
+    ctx.suspended = True
+    try:
+        out = original(cls, *args, **kwargs)
+    finally:
+        ctx.suspended = prev
+    _tag(out, union)
+    return out
