@@ -1,0 +1,136 @@
+"""Attention on one (q block, kv block) pair with its log-sum-exp, the LSE merge rule, and the block backward.
+
+Context parallelism splits one attention over many key/value blocks. Each block gives a partial
+output `o_i` and the log-sum-exp `lse_i` of its scores; the exact result is
+
+    lse = log(sum_i exp(lse_i)),    o = sum_i exp(lse_i - lse) * o_i
+
+which is the online-softmax rule of FEATURES.md 12 (`m = max(m1, m2)`, `l = l1 e^(m1-m) + l2 e^(m2-m)`,
+`o = (o1 l1 e^(m1-m) + o2 l2 e^(m2-m)) / l`) written with `lse = m + log l`. The backward of a
+block needs only the *final* output and LSE (FlashAttention-2's recomputation): with
+`p = exp(s - lse)` and `D = rowsum(dO * O)` it gives the block's exact share of dq, dk, dv.
+
+Everything here works in an accumulation dtype (float32, or float64 for float64 inputs) and on
+`[batch, seq, heads, head_dim]` tensors. Grouped-query attention (h query heads over g key/value
+heads, h a multiple of g) is handled by viewing q as `[b, s, g, h/g, d]`, so k and v are never
+repeated and their gradients come out summed over the group.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+
+__all__ = ["acc_dtype", "block_forward", "block_backward", "merge_attention", "lse_delta"]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype partial results are kept and merged in: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grouped(q, g):
+    return rearrange(q, "b s (g r) d -> b s g r d", g=g)
+
+
+def _scores(q, k, scale, keep):
+    """Masked scores `[b, g, r, sq, sk]` in the accumulation dtype."""
+    s = torch.einsum("bqgrd,bkgd->bgrqk", _grouped(q, k.shape[2]), k) * scale
+    if keep is not None:
+        s = s.masked_fill(~_broadcast_keep(keep), float("-inf"))
+    return s
+
+
+def _broadcast_keep(keep):
+    # keep is [sq, sk] or [b, sq, sk]; scores are [b, g, r, sq, sk]
+    return keep if keep.dim() == 2 else keep[:, None, None]
+
+
+def _finite(lse):
+    """lse with fully masked rows (-inf) replaced by 0, so exp(s - lse) gives 0 there, not nan."""
+    return torch.where(torch.isfinite(lse), lse, torch.zeros((), dtype=lse.dtype))
+
+
+def block_forward(q, k, v, *, scale: float, keep: torch.Tensor | None = None):
+    """Attention of a q block over one k/v block, with the LSE of the scores.
+
+    Args:
+        q: `[b, sq, h, d]`.
+        k, v: `[b, sk, g, d]` with h a multiple of g.
+        scale: the score scale (usually d ** -0.5).
+        keep: optional bool mask `[sq, sk]` or `[b, sq, sk]`, True = attend.
+
+    Returns:
+        (out `[b, sq, h, d]`, lse `[b, h, sq]`), both in `acc_dtype(q.dtype)`. A row that keeps no
+        key has lse = -inf and out = 0, which the merge rule treats as "no contribution".
+    """
+    dt = acc_dtype(q.dtype)
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    s = _scores(q, k, scale, keep)  # [b, g, r, sq, sk]
+    lse = torch.logsumexp(s, dim=-1)  # [b, g, r, sq]
+    p = torch.exp(s - _finite(lse)[..., None])
+    out = torch.einsum("bgrqk,bkgd->bqgrd", p, v)
+    return rearrange(out, "b q g r d -> b q (g r) d"), rearrange(lse, "b g r q -> b (g r) q")
+
+
+def lse_delta(out, dout):
+    """`D = rowsum(dO * O)` `[b, h, sq]` in the accumulation dtype (FlashAttention-2's backward term)."""
+    dt = acc_dtype(out.dtype)
+    return rearrange((dout.to(dt) * out.to(dt)).sum(-1), "b q h -> b h q")
+
+
+def block_backward(q, k, v, dout, lse, delta, *, scale: float, keep: torch.Tensor | None = None):
+    """This block's exact share of (dq, dk, dv), given the final LSE and `D = lse_delta(out, dout)`.
+
+    Args:
+        q: `[b, sq, h, d]`; k, v: `[b, sk, g, d]`; dout: `[b, sq, h, d]`.
+        lse: the final (merged over all blocks) `[b, h, sq]`.
+        delta: `lse_delta(final_out, dout)`, `[b, h, sq]`.
+        scale, keep: as in `block_forward`.
+
+    Returns:
+        (dq `[b, sq, h, d]`, dk `[b, sk, g, d]`, dv `[b, sk, g, d]`) in the accumulation dtype.
+    """
+    dt = acc_dtype(q.dtype)
+    q, k, v, dout = q.to(dt), k.to(dt), v.to(dt), dout.to(dt)
+    g = k.shape[2]
+    s = _scores(q, k, scale, keep)
+    lse_g = rearrange(_finite(lse.to(dt)), "b (g r) q -> b g r q", g=g)
+    p = torch.exp(s - lse_g[..., None])  # [b, g, r, sq, sk]
+    do = _grouped(dout, g)
+    dv = torch.einsum("bgrqk,bqgrd->bkgd", p, do)
+    dp = torch.einsum("bqgrd,bkgd->bgrqk", do, v)
+    ds = p * (dp - rearrange(delta.to(dt), "b (g r) q -> b g r q", g=g)[..., None])
+    dq = torch.einsum("bgrqk,bkgd->bqgrd", ds, k) * scale
+    dk = torch.einsum("bgrqk,bqgrd->bkgd", ds, _grouped(q, g)) * scale
+    return rearrange(dq, "b q g r d -> b q (g r) d"), dk, dv
+
+
+def merge_attention(out1, lse1, out2, lse2):
+    """Merge two partial attentions over disjoint key sets (the online-softmax / LSE rule).
+
+    Args:
+        out1, out2: `[b, s, h, d]` partial outputs (each normalised over its own keys).
+        lse1, lse2: `[b, h, s]` their log-sum-exps; -inf marks a row with no keys.
+
+    Returns:
+        (out, lse): attention over the union of the key sets, in the dtype of the inputs. Rows with
+        no keys on either side stay (0, -inf).
+
+    Example:
+        >>> o, l = merge_attention(*block_forward(q, k[:, :4], v[:, :4], scale=s),
+        ...                        *block_forward(q, k[:, 4:], v[:, 4:], scale=s))
+    """
+    lse = torch.logaddexp(lse1, lse2)
+    safe = _finite(lse)
+    w1 = torch.exp(lse1 - safe)  # 0 where lse1 = -inf
+    w2 = torch.exp(lse2 - safe)
+    w1 = rearrange(w1, "b h s -> b s h 1")
+    w2 = rearrange(w2, "b h s -> b s h 1")
+    return out1 * w1 + out2 * w2, lse
+
+
+def default_scale(head_dim: int, scale: float | None) -> float:
+    """`scale` or `1/sqrt(head_dim)`."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
