@@ -22,7 +22,19 @@ import math
 import torch
 from einops import rearrange
 
-__all__ = ["acc_dtype", "block_forward", "block_backward", "merge_attention", "lse_delta"]
+from shardfn import context
+from shardfn.vma import set_vma, vma_of
+
+__all__ = [
+    "acc_dtype",
+    "block_forward",
+    "block_backward",
+    "merge_attention",
+    "lse_delta",
+    "local_attention",
+    "causal_keep",
+    "document_keep",
+]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -134,3 +146,62 @@ def merge_attention(out1, lse1, out2, lse2):
 def default_scale(head_dim: int, scale: float | None) -> float:
     """`scale` or `1/sqrt(head_dim)`."""
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def causal_keep(s_q: int, s_k: int | None = None, device=None) -> torch.Tensor:
+    """Bool `[s_q, s_k]`, True where key j <= query i (top-left aligned)."""
+    return torch.ones(s_q, s_q if s_k is None else s_k, dtype=torch.bool, device=device).tril()
+
+
+def document_keep(cu_seqlens, seq_len: int, *, causal: bool, device=None) -> torch.Tensor:
+    """Bool `[s, s]` block-diagonal mask of packed documents (EOD reset); tokens past cu_seqlens[-1] see nothing."""
+    cu = torch.as_tensor(cu_seqlens, dtype=torch.int64, device=device)
+    pos = torch.arange(seq_len, device=device)
+    doc = torch.searchsorted(cu, pos, right=True) - 1
+    valid = pos < cu[-1]
+    keep = (doc[:, None] == doc[None, :]) & valid[:, None] & valid[None, :]
+    if causal:
+        keep &= pos[None, :] <= pos[:, None]
+    return keep
+
+
+class _LocalAttention(torch.autograd.Function):
+    """Exact attention with an O(s^2) score matrix rebuilt in backward from the saved LSE."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, keep):
+        out, lse = block_forward(q, k, v, scale=scale, keep=keep)
+        ctx.scale, ctx.keep = scale, keep
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = block_backward(q, k, v, dout, lse, lse_delta(out, dout), scale=ctx.scale, keep=ctx.keep)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def local_attention(q, k, v, *, scale: float | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Single-device attention `[b, s_q, h, d]` over `[b, s_k, g, d]` keys (GQA), fp32/float64 math.
+
+    Works inside shard_map (operands are lifted to a common vma set first) and outside it.
+
+    Args:
+        q: `[b, s_q, h, d]`; k, v: `[b, s_k, g, d]`, h a multiple of g.
+        scale: default d ** -0.5.
+        keep: optional bool `[s_q, s_k]` or `[b, s_q, s_k]` mask, True = attend.
+    """
+    scale = default_scale(q.shape[-1], scale)
+    ctx = context.current()
+    if ctx is None or not ctx.check_vma:
+        return _LocalAttention.apply(q, k, v, scale, keep)
+    from shardfn.primitives.collectives import _lift, _suspended
+
+    union = vma_of(q) | vma_of(k) | vma_of(v)
+    axes = tuple(a for a in ctx.mesh.axis_names if a in union)
+    q, _ = _lift(q, axes, ctx)
+    k, _ = _lift(k, axes, ctx)
+    v, _ = _lift(v, axes, ctx)
+    out = _suspended(ctx, _LocalAttention.apply, q, k, v, scale, keep)
+    return set_vma(out, union)
