@@ -90,6 +90,9 @@ def _live(dc):
 
 
 def _leafwise(api, fn, x):
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+
     def one(t):
         if isinstance(t, torch.Tensor):
             return fn(t)
