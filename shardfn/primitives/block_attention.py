@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
-from einops import rearrange
+from einops import rearrange, reduce
 
 from shardfn import context
 from shardfn.vma import set_vma, vma_of
@@ -64,7 +64,22 @@ def _finite(lse):
     return torch.where(torch.isfinite(lse), lse, torch.zeros((), dtype=lse.dtype))
 
 
-def block_forward(q, k, v, *, scale: float, keep: torch.Tensor | None = None):
+_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _use_flash(q, keep) -> bool:
+    """torch's CPU flash kernel serves unmasked and causal blocks; explicit masks take the explicit path."""
+    return keep is None and q.device.type == "cpu"
+
+
+def _heads_first(x, h):
+    """`[b, s, g, d]` -> `[b, h, s, d]`, k/v heads repeated to h for the kernel (no GQA in it)."""
+    x = rearrange(x, "b s g d -> b g s d")
+    return x if x.shape[1] == h else x.repeat_interleave(h // x.shape[1], dim=1)
+
+
+def block_forward(q, k, v, *, scale: float, keep: torch.Tensor | None = None, causal: bool = False):
     """Attention of a q block over one k/v block, with the LSE of the scores.
 
     Args:
@@ -72,13 +87,24 @@ def block_forward(q, k, v, *, scale: float, keep: torch.Tensor | None = None):
         k, v: `[b, sk, g, d]` with h a multiple of g.
         scale: the score scale (usually d ** -0.5).
         keep: optional bool mask `[sq, sk]` or `[b, sq, sk]`, True = attend.
+        causal: the top-left causal mask (key j <= query i), without materialising it.
 
     Returns:
         (out `[b, sq, h, d]`, lse `[b, h, sq]`), both in `acc_dtype(q.dtype)`. A row that keeps no
         key has lse = -inf and out = 0, which the merge rule treats as "no contribution".
+        Inputs are cast to the accumulation dtype first (bf16 blocks run in fp32), so partial
+        outputs are never rounded before the merge.
     """
     dt = acc_dtype(q.dtype)
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    h = q.shape[2]
+    if _use_flash(q, keep):
+        out, lse = _flash_fwd(rearrange(q, "b s h d -> b h s d"), _heads_first(k, h), _heads_first(v, h), 0.0,
+                              bool(causal), scale=scale)
+        return rearrange(out, "b h s d -> b s h d"), lse
+    if causal:
+        keep = causal_keep(q.shape[1], k.shape[1], device=q.device) if keep is None else keep & causal_keep(
+            q.shape[1], k.shape[1], device=q.device)
     s = _scores(q, k, scale, keep)  # [b, g, r, sq, sk]
     lse = torch.logsumexp(s, dim=-1)  # [b, g, r, sq]
     p = torch.exp(s - _finite(lse)[..., None])
@@ -92,21 +118,41 @@ def lse_delta(out, dout):
     return rearrange((dout.to(dt) * out.to(dt)).sum(-1), "b q h -> b h q")
 
 
-def block_backward(q, k, v, dout, lse, delta, *, scale: float, keep: torch.Tensor | None = None):
-    """This block's exact share of (dq, dk, dv), given the final LSE and `D = lse_delta(out, dout)`.
+def block_backward(q, k, v, dout, out, lse, *, scale: float, keep: torch.Tensor | None = None,
+                   causal: bool = False, delta: torch.Tensor | None = None):
+    """This block's exact share of (dq, dk, dv), given the final output and LSE.
+
+    With `p = exp(s - lse)` and `D = rowsum(dO * O)` for the *final* O and lse (merged over all
+    blocks), `dv = p^T dO`, `ds = p (dO v^T - D)`, `dq = ds k scale`, `dk = ds^T q scale`
+    (FlashAttention-2's backward, applied per block).
 
     Args:
         q: `[b, sq, h, d]`; k, v: `[b, sk, g, d]`; dout: `[b, sq, h, d]`.
-        lse: the final (merged over all blocks) `[b, h, sq]`.
-        delta: `lse_delta(final_out, dout)`, `[b, h, sq]`.
-        scale, keep: as in `block_forward`.
+        out: the final output `[b, sq, h, d]` (accumulation dtype).
+        lse: the final `[b, h, sq]`.
+        scale, keep, causal: as in `block_forward`.
+        delta: `lse_delta(out, dout)` if already computed (explicit path only).
 
     Returns:
         (dq `[b, sq, h, d]`, dk `[b, sk, g, d]`, dv `[b, sk, g, d]`) in the accumulation dtype.
     """
     dt = acc_dtype(q.dtype)
     q, k, v, dout = q.to(dt), k.to(dt), v.to(dt), dout.to(dt)
-    g = k.shape[2]
+    h, g = q.shape[2], k.shape[2]
+    if _use_flash(q, keep):
+        heads_first = lambda x: rearrange(x, "b s h d -> b h s d").contiguous()  # noqa: E731
+        dq, dk, dv = _flash_bwd(heads_first(dout), heads_first(q), _heads_first(k, h).contiguous(),
+                                _heads_first(v, h).contiguous(), heads_first(out.to(dt)), lse.to(dt).contiguous(),
+                                0.0, bool(causal), scale=scale)
+        dq = rearrange(dq, "b h s d -> b s h d")
+        dk = reduce(dk, "b (g r) s d -> b s g d", "sum", g=g)
+        dv = reduce(dv, "b (g r) s d -> b s g d", "sum", g=g)
+        return dq, dk, dv
+    if causal:
+        keep = causal_keep(q.shape[1], k.shape[1], device=q.device) if keep is None else keep & causal_keep(
+            q.shape[1], k.shape[1], device=q.device)
+    if delta is None:
+        delta = lse_delta(out, dout)
     s = _scores(q, k, scale, keep)
     lse_g = rearrange(_finite(lse.to(dt)), "b (g r) q -> b g r q", g=g)
     p = torch.exp(s - lse_g[..., None])  # [b, g, r, sq, sk]
@@ -169,20 +215,21 @@ class _LocalAttention(torch.autograd.Function):
     """Exact attention with an O(s^2) score matrix rebuilt in backward from the saved LSE."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, keep):
-        out, lse = block_forward(q, k, v, scale=scale, keep=keep)
-        ctx.scale, ctx.keep = scale, keep
+    def forward(ctx, q, k, v, scale, keep, causal):
+        out, lse = block_forward(q, k, v, scale=scale, keep=keep, causal=causal)
+        ctx.scale, ctx.keep, ctx.causal = scale, keep, causal
         ctx.save_for_backward(q, k, v, out, lse)
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = block_backward(q, k, v, dout, lse, lse_delta(out, dout), scale=ctx.scale, keep=ctx.keep)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        dq, dk, dv = block_backward(q, k, v, dout, out, lse, scale=ctx.scale, keep=ctx.keep, causal=ctx.causal)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
-def local_attention(q, k, v, *, scale: float | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+def local_attention(q, k, v, *, scale: float | None = None, keep: torch.Tensor | None = None,
+                    causal: bool = False) -> torch.Tensor:
     """Single-device attention `[b, s_q, h, d]` over `[b, s_k, g, d]` keys (GQA), fp32/float64 math.
 
     Works inside shard_map (operands are lifted to a common vma set first) and outside it.
@@ -191,11 +238,12 @@ def local_attention(q, k, v, *, scale: float | None = None, keep: torch.Tensor |
         q: `[b, s_q, h, d]`; k, v: `[b, s_k, g, d]`, h a multiple of g.
         scale: default d ** -0.5.
         keep: optional bool `[s_q, s_k]` or `[b, s_q, s_k]` mask, True = attend.
+        causal: top-left causal mask (combined with keep when both are given).
     """
     scale = default_scale(q.shape[-1], scale)
     ctx = context.current()
     if ctx is None or not ctx.check_vma:
-        return _LocalAttention.apply(q, k, v, scale, keep)
+        return _LocalAttention.apply(q, k, v, scale, keep, causal)
     from shardfn.primitives.collectives import _lift, _suspended
 
     union = vma_of(q) | vma_of(k) | vma_of(v)
@@ -203,5 +251,5 @@ def local_attention(q, k, v, *, scale: float | None = None, keep: torch.Tensor |
     q, _ = _lift(q, axes, ctx)
     k, _ = _lift(k, axes, ctx)
     v, _ = _lift(v, axes, ctx)
-    out = _suspended(ctx, _LocalAttention.apply, q, k, v, scale, keep)
+    out = _suspended(ctx, _LocalAttention.apply, q, k, v, scale, keep, causal)
     return set_vma(out, union)

@@ -131,25 +131,24 @@ class _Plan:
 
     # ---- the block pairs of one step ----------------------------------------------------------
     def terms(self, kv_id, s_local, device):
-        """[(q slice, kv slice, keep mask or None)] to compute for kv block `kv_id`."""
+        """[(q slice, kv slice, keep mask or None, causal)] to compute for kv block `kv_id`."""
         full = slice(None)
         i = self.index
         if self.positions is not None:
             keep = self._mask(i, kv_id, device)
-            return [(full, full, keep)] if bool(keep.any()) else []
+            return [(full, full, keep, False)] if bool(keep.any()) else []
         if not self.causal:
-            return [(full, full, None)]
-        diag = torch.ones(s_local, s_local, dtype=torch.bool, device=device).tril()
+            return [(full, full, None, False)]
         if self.layout == "contiguous":
             if kv_id < i:
-                return [(full, full, None)]
-            return [(full, full, diag)] if kv_id == i else []
+                return [(full, full, None, False)]
+            return [(full, full, None, True)] if kv_id == i else []
         half = s_local // 2
         if kv_id == i:
-            return [(full, full, diag)]
+            return [(full, full, None, True)]
         if kv_id < i:
-            return [(full, slice(0, half), None)]
-        return [(slice(half, None), full, None)]
+            return [(full, slice(0, half), None, False)]
+        return [(slice(half, None), full, None, False)]
 
     def _mask(self, qi, ki, device):
         pq, pk = self.positions[qi].to(device), self.positions[ki].to(device)
@@ -187,8 +186,8 @@ def _forward(plan, q, k, v):
             cached += [cur_k, cur_v]
         elif plan.kv_cache == "half":
             cached.append(cur_k)
-        for qs, ks, keep in plan.terms(kv_id, s, q.device):
-            ob, lb = block_forward(q[:, qs], cur_k[:, ks], cur_v[:, ks], scale=plan.scale, keep=keep)
+        for qs, ks, keep, causal in plan.terms(kv_id, s, q.device):
+            ob, lb = block_forward(q[:, qs], cur_k[:, ks], cur_v[:, ks], scale=plan.scale, keep=keep, causal=causal)
             out[:, qs], lse[:, :, qs] = merge_attention(out[:, qs], lse[:, :, qs], ob, lb)
     return out, lse, cached
 
@@ -222,10 +221,10 @@ def _backward(plan, q, k, v, out, lse, dout, cached):
         elif plan.kv_cache == "half":
             cur_k = next(cache)
         dk_b, dv_b = zeros_kv.clone(), zeros_kv.clone()
-        for qs, ks, keep in plan.terms(kv_id, s, q.device):
+        for qs, ks, keep, causal in plan.terms(kv_id, s, q.device):
             gq, gk, gv = block_backward(
-                q[:, qs], cur_k[:, ks], cur_v[:, ks], dout[:, qs], lse[:, :, qs], delta[:, :, qs],
-                scale=plan.scale, keep=keep,
+                q[:, qs], cur_k[:, ks], cur_v[:, ks], dout[:, qs], out[:, qs], lse[:, :, qs],
+                scale=plan.scale, keep=keep, causal=causal, delta=delta[:, :, qs],
             )
             dq[:, qs] += gq
             dk_b[:, ks] += gk

@@ -32,11 +32,9 @@ from shardfn import context
 from shardfn.primitives.block_attention import (
     block_backward,
     block_forward,
-    causal_keep,
     default_scale,
     document_keep,
     local_attention,
-    lse_delta,
 )
 from shardfn.primitives.collectives import (
     _all_gather,
@@ -290,9 +288,8 @@ def ulysses_attention(q, k, v, *, axis_name="cp", causal: bool = False, scale=No
     axes = _axes(axis_name, ctx, api)
     lay = _plan(api, ctx, axes, q, k, seq_len, uneven, kv_comm)
     total = sum(lay.seq_sizes)
-    keep = causal_keep(total, device=q.device) if causal else None
-    if cu_seqlens is not None:
-        keep = document_keep(cu_seqlens, total, causal=causal, device=q.device)
+    keep = None if cu_seqlens is None else document_keep(cu_seqlens, total, causal=causal, device=q.device)
+    causal = bool(causal) and keep is None
     scale = default_scale(q.shape[-1], scale)
     q2 = _to_heads(q, lay, lay.head_sizes)  # [b, s, h_me, d]
     if kv_cache:
@@ -301,7 +298,7 @@ def ulysses_attention(q, k, v, *, axis_name="cp", causal: bool = False, scale=No
                 f"{api}: kv_cache=True supports the aligned layout only (sequence {total} and heads {h} divisible "
                 f"by {lay.size}); drop kv_cache or pad to a multiple of {lay.size}."
             )
-        o2 = _cached_kv_attention(ctx, lay, q2, k, v, h, g, kv_comm, scale, keep)
+        o2 = _cached_kv_attention(ctx, lay, q2, k, v, h, g, kv_comm, scale, keep, causal)
     else:
         if kv_comm == "all_gather":
             k2, v2 = _gathered_kv(k, v, lay, h, g)
@@ -311,7 +308,7 @@ def ulysses_attention(q, k, v, *, axis_name="cp", causal: bool = False, scale=No
                 v = v.repeat_interleave(lay.kv_repeat, dim=2)
             k2 = _to_heads(k, lay, lay.kv_head_sizes)
             v2 = _to_heads(v, lay, lay.kv_head_sizes)
-        o2 = local_attention(q2, k2, v2, scale=scale, keep=keep)
+        o2 = local_attention(q2, k2, v2, scale=scale, keep=keep, causal=causal)
     return _to_seq(o2, lay, lay.head_sizes)
 
 
@@ -324,6 +321,7 @@ class _CachedPlan:
     kv_comm: str
     scale: float
     keep: object
+    causal: bool
     dc: object = attrs.field(eq=False)
 
     def exchange(self, t, phase):
@@ -358,7 +356,7 @@ class _CachedKVAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q2, k, v, plan):
         k2, v2 = plan.exchange(k, "forward"), plan.exchange(v, "forward")
-        out, lse = block_forward(q2, k2, v2, scale=plan.scale, keep=plan.keep)
+        out, lse = block_forward(q2, k2, v2, scale=plan.scale, keep=plan.keep, causal=plan.causal)
         ctx.plan = plan
         ctx.save_for_backward(q2, k, v, out, lse)  # k, v before the exchange: c times smaller
         return out.to(q2.dtype)
@@ -368,14 +366,14 @@ class _CachedKVAttention(torch.autograd.Function):
         q2, k, v, out, lse = ctx.saved_tensors
         plan = ctx.plan
         k2, v2 = plan.exchange(k, "backward"), plan.exchange(v, "backward")
-        dq, dk2, dv2 = block_backward(q2, k2, v2, dout, lse, lse_delta(out, dout), scale=plan.scale, keep=plan.keep)
+        dq, dk2, dv2 = block_backward(q2, k2, v2, dout, out, lse, scale=plan.scale, keep=plan.keep, causal=plan.causal)
         dk = plan.exchange_transpose(dk2.to(k.dtype), k)
         dv = plan.exchange_transpose(dv2.to(v.dtype), v)
         return dq.to(q2.dtype), dk, dv, None
 
 
-def _cached_kv_attention(ctx, lay, q2, k, v, h, g, kv_comm, scale, keep):
-    plan = _CachedPlan(lay, h, g, kv_comm, scale, keep, dc=ctx)
+def _cached_kv_attention(ctx, lay, q2, k, v, h, g, kv_comm, scale, keep, causal):
+    plan = _CachedPlan(lay, h, g, kv_comm, scale, keep, causal, dc=ctx)
     q2, vq = _lift(q2, lay.axes, ctx)
     k, vk = _lift(k, lay.axes, ctx)
     v, vv = _lift(v, lay.axes, ctx)

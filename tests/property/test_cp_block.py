@@ -1,4 +1,5 @@
 """Per-block attention with LSE, the merge rule, and the block backward (shardfn.primitives.block_attention)."""
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -8,10 +9,9 @@ from shardfn.primitives.block_attention import (
     block_forward,
     document_keep,
     local_attention,
-    lse_delta,
     merge_attention,
 )
-from tests.property.cp_helpers import assert_matches_reference, document_keep_ref, qkv, reference_attention
+from tests.property.cp_helpers import TOL, assert_matches_reference, document_keep_ref, qkv, reference_attention
 
 
 def _split_points(draw, s):
@@ -83,17 +83,38 @@ def test_local_attention_forward_and_backward_equal_reference(b, s, heads, d, ca
     assert_matches_reference(out, q, k, v, lambda q, k, v: reference_attention(q, k, v, causal=causal), dtype=dtype)
 
 
-def test_block_backward_shares_sum_to_the_full_gradient():
-    # dq, dk, dv of attention over keys [0, s) = sum over key blocks of block_backward with the final lse.
-    q, k, v = (t.detach() for t in qkv(2, 4, 2, 2, 3, torch.float64))
-    full_out, full_lse = block_forward(q, k, v, scale=3 ** -0.5)
-    dout = torch.randn_like(full_out)
-    delta = lse_delta(full_out, dout)
-    parts = [block_backward(q, k[:, a:e], v[:, a:e], dout, full_lse, delta, scale=3 ** -0.5) for a, e in ((0, 1), (1, 4))]
-    want = block_backward(q, k, v, dout, full_lse, delta, scale=3 ** -0.5)
-    torch.testing.assert_close(parts[0][0] + parts[1][0], want[0], rtol=1e-13, atol=1e-14)
-    torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]], 1), want[1], rtol=1e-13, atol=1e-14)
-    torch.testing.assert_close(torch.cat([parts[0][2], parts[1][2]], 1), want[2], rtol=1e-13, atol=1e-14)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("path", ["flash", "explicit"])
+def test_block_backward_shares_sum_to_the_full_gradient(path, dtype):
+    # dq, dk, dv of attention over keys [0, s) = sum over key blocks of block_backward with the final out and lse.
+    # keep=None runs torch's CPU flash kernel; an all-True keep forces the explicit path.
+    q, k, v = (t.detach() for t in qkv(2, 4, 4, 2, 3, dtype))
+    scale = 3 ** -0.5
+
+    def keep(sk):
+        return None if path == "flash" else torch.ones(4, sk, dtype=torch.bool)
+
+    out, lse = block_forward(q, k, v, scale=scale, keep=keep(4))
+    dout = torch.randn_like(out)
+    parts = [block_backward(q, k[:, a:e], v[:, a:e], dout, out, lse, scale=scale, keep=keep(e - a))
+             for a, e in ((0, 1), (1, 4))]
+    ref_in = [t.double().requires_grad_(True) for t in (q, k, v)]
+    want = torch.autograd.grad(reference_attention(*ref_in), ref_in, dout.double())
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close((parts[0][0] + parts[1][0]).double(), want[0], rtol=rtol, atol=atol)
+    torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]], 1).double(), want[1], rtol=rtol, atol=atol)
+    torch.testing.assert_close(torch.cat([parts[0][2], parts[1][2]], 1).double(), want[2], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_flash_and_explicit_block_paths_agree(dtype):
+    q, k, v = (t.detach() for t in qkv(1, 5, 4, 2, 3, dtype))
+    o_f, l_f = block_forward(q, k, v, scale=0.4, causal=True)
+    o_e, l_e = block_forward(q, k, v, scale=0.4, keep=torch.ones(5, 5, dtype=torch.bool).tril())
+    assert o_f.dtype == l_f.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)  # never bf16
+    rtol, atol = TOL[torch.float64 if dtype == torch.float64 else torch.float32]
+    torch.testing.assert_close(o_f, o_e, rtol=rtol, atol=atol)
+    torch.testing.assert_close(l_f, l_e, rtol=rtol, atol=atol)
 
 
 def test_document_keep_is_block_diagonal_causal():

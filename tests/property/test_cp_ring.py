@@ -91,8 +91,10 @@ def test_zigzag_three_case_rule_covers_the_causal_mask_with_half_a_block_pair(c)
         for kv_id in range(c):
             covered = torch.zeros(s_local, s_local, dtype=torch.bool)
             work = 0
-            for qs, ks, keep in plan.terms(kv_id, s_local, None):
-                block = torch.ones(s_local, s_local, dtype=torch.bool)[qs, ks] if keep is None else keep
+            for qs, ks, keep, causal in plan.terms(kv_id, s_local, None):
+                assert keep is None and causal == (kv_id == i)  # no mask tensors; causal only on the diagonal
+                block = torch.ones(s_local, s_local, dtype=torch.bool)[qs, ks]
+                block = block.tril() if causal else block
                 covered[qs, ks] |= block
                 work += block.numel()
             assert torch.equal(covered, _true_keep(i, kv_id, c, s_local)), (i, kv_id)
