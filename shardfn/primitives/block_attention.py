@@ -10,10 +10,15 @@ which is the online-softmax rule of FEATURES.md 12 (`m = max(m1, m2)`, `l = l1 e
 block needs only the *final* output and LSE (FlashAttention-2's recomputation): with
 `p = exp(s - lse)` and `D = rowsum(dO * O)` it gives the block's exact share of dq, dk, dv.
 
-Everything here works in an accumulation dtype (float32, or float64 for float64 inputs) and on
-`[batch, seq, heads, head_dim]` tensors. Grouped-query attention (h query heads over g key/value
-heads, h a multiple of g) is handled by viewing q as `[b, s, g, h/g, d]`, so k and v are never
-repeated and their gradients come out summed over the group.
+Everything here works in an accumulation dtype (float32, or float64 for float64 inputs; bf16
+blocks are upcast so no partial result is rounded before the merge) on `[batch, seq, heads,
+head_dim]` tensors. Two kernels, one semantics:
+
+* unmasked and causal blocks on CPU run torch's flash kernel
+  (`aten._scaled_dot_product_flash_attention_for_cpu`, which returns the LSE, and its backward,
+  which takes the final output and LSE); k/v heads are repeated for it and their gradients summed;
+* blocks with an explicit mask (packed documents) run the explicit formula, which views q as
+  `[b, s, g, h/g, d]` for GQA and gives fully masked rows lse = -inf and output 0.
 """
 from __future__ import annotations
 

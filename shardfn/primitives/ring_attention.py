@@ -335,7 +335,9 @@ def ring_attention(q, k, v, *, axis_name="cp", causal: bool = True, layout: str 
     check_unsupported(api, mask, bias, dropout_p, generator)
     check_qkv(api, q, k, v)
     if q.shape[1] != k.shape[1]:
-        raise ValueError(f"{api}: q and k/v must hold the same local sequence length; got {q.shape[1]} and {k.shape[1]}.")
+        raise ValueError(
+            f"{api}: q and k/v must hold the same local sequence length; got {q.shape[1]} and {k.shape[1]}."
+        )
     if layout not in _LAYOUTS:
         raise ValueError(f"{api}: layout={layout!r} must be one of {_LAYOUTS}.")
     if kv_cache not in _CACHES:

@@ -283,7 +283,9 @@ def ulysses_attention(q, k, v, *, axis_name="cp", causal: bool = False, scale=No
     if kv_comm not in _KV_COMMS:
         raise ValueError(f"{api}: kv_comm={kv_comm!r} must be one of {_KV_COMMS}.")
     if q.shape[1] != k.shape[1]:
-        raise ValueError(f"{api}: q and k/v must hold the same local sequence length; got {q.shape[1]} and {k.shape[1]}.")
+        raise ValueError(
+            f"{api}: q and k/v must hold the same local sequence length; got {q.shape[1]} and {k.shape[1]}."
+        )
     ctx = context.require(api)
     axes = _axes(axis_name, ctx, api)
     lay = _plan(api, ctx, axes, q, k, seq_len, uneven, kv_comm)
@@ -339,7 +341,8 @@ class _CachedPlan:
         """Cotangent of `exchange`: back to `[b, s/c, g, d]`, repeated copies summed."""
         lay = self.lay
         if self.kv_comm == "all_gather":
-            full = torch.zeros(like.shape[0], like.shape[1] * lay.size, *like.shape[2:], dtype=gt.dtype, device=gt.device)
+            shape = (like.shape[0], like.shape[1] * lay.size, *like.shape[2:])
+            full = torch.zeros(shape, dtype=gt.dtype, device=gt.device)
             sel = _kv_head_select(self.h, self.g, lay.index * lay.head_sizes[0], lay.head_sizes[0])
             if isinstance(sel, tuple):
                 full.narrow(2, *sel).copy_(gt)

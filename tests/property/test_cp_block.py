@@ -120,6 +120,7 @@ def test_flash_and_explicit_block_paths_agree(dtype):
 def test_document_keep_is_block_diagonal_causal():
     cu = torch.tensor([0, 2, 3, 7])
     assert torch.equal(document_keep(cu, 7, causal=False), document_keep_ref(cu, 7))
-    assert torch.equal(document_keep(cu, 7, causal=True), document_keep_ref(cu, 7) & torch.ones(7, 7, dtype=torch.bool).tril())
+    lower = torch.ones(7, 7, dtype=torch.bool).tril()
+    assert torch.equal(document_keep(cu, 7, causal=True), document_keep_ref(cu, 7) & lower)
     # tokens past the last document keep nothing
     assert not bool(document_keep(cu, 9, causal=True)[7:].any())

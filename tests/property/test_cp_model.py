@@ -91,3 +91,17 @@ def test_model_packed_documents_through_ring_equals_varlen_model():
     out = cp_unpermute(out, "ring", 2, cu_seqlens=cu)
     ref = model.apply(params, tokens, config=cfg, position_ids=pos_ref, cu_seqlens=cu)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_zigzag_positions_give_the_zigzagged_rope_table_and_eod_positions_restart():
+    from shardfn.layers.rotary import rope_cache
+    from shardfn.primitives.zigzag import zigzag_shard
+
+    s, c = 16, 4
+    cos, sin = rope_cache(s, 8, dtype=torch.float64)
+    zcos, zsin = rope_cache(s, 8, position_ids=cp_position_ids(s, "ring", c), dtype=torch.float64)
+    assert torch.equal(zcos, zigzag_shard(cos, c, dim=0)) and torch.equal(zsin, zigzag_shard(sin, c, dim=0))
+    # documents [0, 3) and [3, 8) over c = 2 (per-document zigzag with pads, position 0 in pad slots)
+    pos = cp_position_ids(8, "ring", 2, cu_seqlens=torch.tensor([0, 3, 8]))
+    assert pos.tolist() == [0, 0, 0, 1, 0, 0, 1, 2, 2, 3, 4, 0]
+    assert cp_position_ids(8, "ulysses", 2, cu_seqlens=torch.tensor([0, 3, 8])).tolist() == [0, 1, 2, 0, 1, 2, 3, 4]

@@ -5,7 +5,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardfn import P, shard_map
-from shardfn.primitives.block_attention import causal_keep
 from shardfn.primitives.ring_attention import (
     _Plan,
     double_ring_groups,
@@ -115,8 +114,10 @@ def test_double_ring_groups_table_and_every_block_visited_once(c, w):
 
 def test_kv_cache_interval_table():
     assert [kv_cache_policy_for_layer(layer, "full", 0) for layer in range(1, 5)] == ["full"] * 4
-    assert [kv_cache_policy_for_layer(layer, "half", 1) for layer in range(1, 6)] == ["half", None, "half", None, "half"]
-    assert [kv_cache_policy_for_layer(layer, "full", 2) for layer in range(1, 8)] == ["full", None, None, "full", None, None, "full"]
+    every_other = [kv_cache_policy_for_layer(layer, "half", 1) for layer in range(1, 6)]
+    assert every_other == ["half", None, "half", None, "half"]
+    every_third = [kv_cache_policy_for_layer(layer, "full", 2) for layer in range(1, 8)]
+    assert every_third == ["full", None, None, "full", None, None, "full"]
     assert kv_cache_policy_for_layer(3, None, 2) is None
 
 
@@ -150,7 +151,8 @@ def test_zigzag_layout_tables():
     idx = varlen_zigzag_indices(torch.tensor([0, 3, 8]), 2)
     assert idx.tolist() == [0, -1, 3, 4, -1, -1, 1, 2, 5, 6, 7, -1]
     x = torch.arange(8)[None] + 10
-    assert torch.equal(varlen_zigzag_unshard(varlen_zigzag_shard(x, torch.tensor([0, 3, 8]), 2), torch.tensor([0, 3, 8]), 2), x)
+    cu = torch.tensor([0, 3, 8])
+    assert torch.equal(varlen_zigzag_unshard(varlen_zigzag_shard(x, cu, 2), cu, 2), x)
 
 
 def test_zigzag_without_padding_is_a_clear_error():
