@@ -21,12 +21,13 @@ def _hybrid(**options):
 @settings(max_examples=8)
 @given(causal=st.booleans(), layout=st.sampled_from(["zigzag", "contiguous"]), heads=gqa_heads(multiple_of=2),
        b=st.integers(1, 2), chunk=st.integers(1, 2), d=st.integers(1, 3),
-       kv_cache=st.sampled_from([None, "full"]), dtype=st.sampled_from([torch.float64, torch.float32]))
-def test_hybrid_equals_full_attention(causal, layout, heads, b, chunk, d, kv_cache, dtype):
+       kv_cache=st.sampled_from([None, "full"]), window=st.sampled_from([None, 1]),
+       dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_hybrid_equals_full_attention(causal, layout, heads, b, chunk, d, kv_cache, window, dtype):
     h, g = heads
     s = 8 * chunk
     q, k, v = qkv(b, s, h, g, d, dtype)
-    f = _hybrid(causal=causal, layout=layout, kv_cache=kv_cache)
+    f = _hybrid(causal=causal, layout=layout, kv_cache=kv_cache, window_size=window)
     out = hybrid_unshard(f(*(hybrid_shard(t, 2, layout=layout) for t in (q, k, v))), 2, layout=layout)
     assert_matches_reference(out, q, k, v, lambda q, k, v: reference_attention(q, k, v, causal=causal), dtype=dtype)
 

@@ -64,6 +64,18 @@ def test_double_ring_equals_single_ring_and_full_attention(c, w):
                              dtype=torch.float64)
 
 
+def test_double_ring_over_two_mesh_axes_and_without_vma_tracking():
+    # windows = the inner mesh axis: axis_name=(outer, inner), window_size = size(inner)
+    mesh = cached_mesh((2, 2), ("cpo", "cpi"))
+    q, k, v = qkv(1, 8, 2, 2, 2, torch.float64)
+    for check_vma in (True, False):
+        f = shard_map(lambda q, k, v: ring_attention(q, k, v, axis_name=("cpo", "cpi"), window_size=2), mesh=mesh,
+                      in_specs=P(None, ("cpo", "cpi")), out_specs=P(None, ("cpo", "cpi")), check_vma=check_vma)
+        out = zigzag_unshard(f(*(zigzag_shard(t, 4) for t in (q, k, v))), 4)
+        assert_matches_reference(out, q, k, v, lambda q, k, v: reference_attention(q, k, v, causal=True),
+                                 dtype=torch.float64)
+
+
 @pytest.mark.parametrize("cache", ["full", "half"])
 @pytest.mark.parametrize("c,w,layout", [(2, None, "zigzag"), (4, 2, "zigzag"), (3, None, "contiguous")])
 def test_kv_cache_is_bitwise_equal_to_no_cache(cache, c, w, layout):
