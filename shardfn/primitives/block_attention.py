@@ -73,9 +73,13 @@ _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _use_flash(q, keep) -> bool:
-    """torch's CPU flash kernel serves unmasked and causal blocks; explicit masks take the explicit path."""
-    return keep is None and q.device.type == "cpu"
+def _use_flash(q, k, keep) -> bool:
+    """torch's CPU flash kernel serves unmasked and causal blocks; explicit masks take the explicit path.
+
+    Empty blocks (an uneven split can leave a rank 0 tokens or 0 heads) also go explicit: the kernel
+    divides by those sizes.
+    """
+    return keep is None and q.device.type == "cpu" and q.numel() > 0 and k.numel() > 0
 
 
 def _heads_first(x, h):
@@ -103,7 +107,7 @@ def block_forward(q, k, v, *, scale: float, keep: torch.Tensor | None = None, ca
     dt = acc_dtype(q.dtype)
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
     h = q.shape[2]
-    if _use_flash(q, keep):
+    if _use_flash(q, k, keep):
         out, lse = _flash_fwd(rearrange(q, "b s h d -> b h s d"), _heads_first(k, h), _heads_first(v, h), 0.0,
                               bool(causal), scale=scale)
         return rearrange(out, "b h s d -> b s h d"), lse
@@ -144,7 +148,7 @@ def block_backward(q, k, v, dout, out, lse, *, scale: float, keep: torch.Tensor 
     dt = acc_dtype(q.dtype)
     q, k, v, dout = q.to(dt), k.to(dt), v.to(dt), dout.to(dt)
     h, g = q.shape[2], k.shape[2]
-    if _use_flash(q, keep):
+    if _use_flash(q, k, keep):
         heads_first = lambda x: rearrange(x, "b s h d -> b h s d").contiguous()  # noqa: E731
         dq, dk, dv = _flash_bwd(heads_first(dout), heads_first(q), _heads_first(k, h).contiguous(),
                                 _heads_first(v, h).contiguous(), heads_first(out.to(dt)), lse.to(dt).contiguous(),

@@ -209,6 +209,11 @@ def _plan(api, ctx, axes, q, k, seq_len, uneven, kv_comm):
             f"== 0). Use a head count divisible by {c}, pass uneven=True for tensor_split head sizes, or use "
             f"ring or hybrid attention."
         )
+    if h < c:
+        raise ValueError(
+            f"{api}: {h} query heads over the {c} devices of {axes} leave some devices without a head; Ulysses "
+            f"needs at least one head per device. Use ring or hybrid attention, or at most {h} Ulysses devices."
+        )
     if h % c == 0:
         repeat = 1 if (g % c == 0 or kv_comm == "all_gather") else kv_repeat_factor(g, c)
         head_sizes = (h // c,) * c

@@ -54,6 +54,23 @@ def test_unaligned_ulysses_for_every_remainder(c, kv_comm):
                                  dtype=torch.float64)
 
 
+@settings(max_examples=8)
+@given(c=st.sampled_from(CP_SIZES), s=st.integers(1, 11), g=st.integers(1, 3), extra_rep=st.integers(0, 1),
+       d=st.integers(1, 3), causal=st.booleans(), kv_comm=st.sampled_from(["all_to_all", "all_gather"]))
+def test_unaligned_ulysses_any_sequence_and_head_count(c, s, g, extra_rep, d, causal, kv_comm):
+    h = g * (-(-c // g) + extra_rep)  # GQA with at least one query head per device, any remainder
+    q, k, v = qkv(1, s, h, g, d, torch.float64)
+
+    def local(q, k, v):
+        parts = [split_uneven(t, "cp", dim=1) for t in (q, k, v)]
+        out = ulysses_attention(*parts, axis_name="cp", causal=causal, seq_len=s, uneven=True, kv_comm=kv_comm)
+        return gather_uneven(out, "cp", 1, s)
+
+    out = shard_map(local, mesh=cached_mesh((c,), ("cp",)), in_specs=P(), out_specs=P())(q, k, v)
+    assert_matches_reference(out, q, k, v, lambda q, k, v: reference_attention(q, k, v, causal=causal),
+                             dtype=torch.float64)
+
+
 @pytest.mark.parametrize("c", CP_SIZES)
 def test_all_to_all_twice_with_swapped_dims_is_the_identity(c):
     x = torch.arange(2 * 3 * c * (2 * c) * 2, dtype=torch.float64).view(2, 3 * c, 2 * c, 2)
@@ -125,6 +142,8 @@ def test_bad_ulysses_inputs_are_clear_errors():
         run(torch.zeros(1, 8, 6, 2), torch.zeros(1, 8, 6, 2))
     with pytest.raises(ValueError, match=r"seq_len=9 split over 4 devices gives it 3"):
         run(torch.zeros(1, 8, 4, 2), torch.zeros(1, 8, 4, 2), seq_len=9, uneven=True)
+    with pytest.raises(ValueError, match=r"3 query heads over the 4 devices of \('cp',\) leave some devices without"):
+        run(torch.zeros(1, 8, 3, 2), torch.zeros(1, 8, 3, 2), seq_len=8, uneven=True)
     with pytest.raises(ValueError, match=r"uneven=True needs seq_len"):
         run(torch.zeros(1, 8, 4, 2), torch.zeros(1, 8, 4, 2), uneven=True)
     with pytest.raises(ValueError, match="kv_comm='ring' must be one of"):
