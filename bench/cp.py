@@ -27,23 +27,23 @@ from shardfn.primitives.ulysses import ulysses_attention, ulysses_bytes
 from shardfn.primitives.zigzag import zigzag_shard, zigzag_unshard
 
 
-def timeit(fn, *, warmup=1, repeat=5):
-    """Median seconds per call."""
+def timeit(fn, *, warmup=1, repeat=5, clock=time.perf_counter):
+    """Median seconds per call on `clock` (wall time, or time.process_time for CPU of all threads)."""
     for _ in range(warmup):
         fn()
     samples = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        samples.append(time.perf_counter() - t0)
+        samples.append(clock() - t0)
     return statistics.median(samples)
 
 
-def paired(fa, fb, rounds=3):
+def paired(fa, fb, rounds=3, clock=time.perf_counter):
     """(median of per-round ratios time(fa)/time(fb), median time(fa)), interleaved to cancel machine noise."""
     ratios, times = [], []
     for _ in range(rounds):
-        a, b = timeit(fa, repeat=3), timeit(fb, repeat=3)
+        a, b = timeit(fa, repeat=3, clock=clock), timeit(fb, repeat=3, clock=clock)
         ratios.append(a / b)
         times.append(a)
     return statistics.median(ratios), statistics.median(times)
@@ -109,15 +109,18 @@ def bench_sim(b, s, h, g, d):
         "ring contiguous": ring_bytes(b, s, g, d, c, itemsize),
         "hybrid u2 x r2": hybrid_bytes(b, s, h, g, d, 2, 2, itemsize),
     }
-    print("(ratios: median over 3 interleaved rounds of method vs baseline)")
-    print(f"{'method':<16} {'ms':>8} {'/SDPA':>7} {'/local':>9} {'bytes/rank':>11} {'formula':>9}")
+    print("(ratios: median over 3 interleaved rounds of method vs baseline; wall time, and CPU time summed over")
+    print(" the device threads, which other load on the machine disturbs less)")
+    print(f"{'method':<16} {'ms':>8} {'/SDPA':>7} {'/local':>7} {'cpu/SDPA':>9} {'bytes/rank':>11} {'formula':>9}")
     for name, f in cp_functions(c, mesh, hmesh).items():
         r_sdpa, t = paired(fwd_bwd(f, q, k, v), fwd_bwd(sdpa, q, k, v))
         r_local, _ = paired(fwd_bwd(f, q, k, v), fwd_bwd(explicit, q, k, v))
+        r_cpu, _ = paired(fwd_bwd(f, q, k, v), fwd_bwd(sdpa, q, k, v), clock=time.process_time)
         with debug.count_comms() as log:
             fwd_bwd(f, q, k, v)()
         sent = log.bytes_sent(0)
-        print(f"{name:<16} {t * 1e3:8.1f} {r_sdpa:7.2f} {r_local:9.2f} {int(sent):>11} {int(formulas[name]):>9}"
+        print(f"{name:<16} {t * 1e3:8.1f} {r_sdpa:7.2f} {r_local:7.2f} {r_cpu:9.2f} {int(sent):>11} "
+              f"{int(formulas[name]):>9}"
               + ("" if sent == formulas[name] else "  MISMATCH"))
 
 
