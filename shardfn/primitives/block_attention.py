@@ -39,6 +39,7 @@ __all__ = [
     "local_attention",
     "causal_keep",
     "document_keep",
+    "lift_common",
 ]
 
 
@@ -253,12 +254,27 @@ def local_attention(q, k, v, *, scale: float | None = None, keep: torch.Tensor |
     ctx = context.current()
     if ctx is None or not ctx.check_vma:
         return _LocalAttention.apply(q, k, v, scale, keep, causal)
-    from shardfn.primitives.collectives import _lift, _suspended
+    from shardfn.primitives.collectives import _suspended
 
-    union = vma_of(q) | vma_of(k) | vma_of(v)
-    axes = tuple(a for a in ctx.mesh.axis_names if a in union)
-    q, _ = _lift(q, axes, ctx)
-    k, _ = _lift(k, axes, ctx)
-    v, _ = _lift(v, axes, ctx)
+    (q, k, v), union = lift_common(ctx, (q, k, v))
     out = _suspended(ctx, _LocalAttention.apply, q, k, v, scale, keep, causal)
     return set_vma(out, union)
+
+
+def lift_common(ctx, tensors, axes=()):
+    """Lift tensors entering one custom autograd function to a common vma set (plus `axes`).
+
+    shard_map's automatic pvary happens at torch ops; a `torch.autograd.Function` hides its
+    operands from it, so its wrapper lifts them first: an operand invariant over an axis the
+    others vary over goes through `pvary` (identity forward, psum of its gradient backward).
+
+    Returns:
+        (lifted tensors, the common vma set).
+    """
+    from shardfn.primitives.collectives import _lift
+
+    union = frozenset(axes).union(*(vma_of(t) for t in tensors))
+    if not ctx.check_vma:
+        return tuple(tensors), union
+    ordered = tuple(a for a in ctx.mesh.axis_names if a in union)
+    return tuple(_lift(t, ordered, ctx)[0] for t in tensors), union

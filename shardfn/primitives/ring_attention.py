@@ -36,10 +36,11 @@ from shardfn.primitives.block_attention import (
     block_backward,
     block_forward,
     default_scale,
+    lift_common,
     lse_delta,
     merge_attention,
 )
-from shardfn.primitives.collectives import _axes, _index, _lift, _permute, _size, _suspended
+from shardfn.primitives.collectives import _axes, _index, _permute, _size, _suspended
 from shardfn.primitives.zigzag import layout_positions
 from shardfn.vma import set_vma
 
@@ -362,11 +363,9 @@ def ring_attention(q, k, v, *, axis_name="cp", causal: bool = True, layout: str 
         )
     plan = _Plan(axes, c, _index(ctx, axes), w, bool(causal), layout, default_scale(q.shape[3], scale),
                  kv_cache, positions, docs, dc=ctx)
-    q, vq = _lift(q, axes, ctx)
-    k, vk = _lift(k, axes, ctx)
-    v, vv = _lift(v, axes, ctx)
+    (q, k, v), union = lift_common(ctx, (q, k, v), axes)
     out = _suspended(ctx, _RingAttention.apply, q, k, v, plan)
-    return set_vma(out, vq | vk | vv | frozenset(axes)) if ctx.check_vma else out
+    return set_vma(out, union) if ctx.check_vma else out
 
 
 def ring_bytes(batch: int, seq_len: int, kv_heads: int, head_dim: int, ring_size: int, itemsize: int,

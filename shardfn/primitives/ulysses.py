@@ -34,6 +34,7 @@ from shardfn.primitives.block_attention import (
     block_forward,
     default_scale,
     document_keep,
+    lift_common,
     local_attention,
 )
 from shardfn.primitives.collectives import (
@@ -41,7 +42,6 @@ from shardfn.primitives.collectives import (
     _all_to_all,
     _axes,
     _index,
-    _lift,
     _reduce_scatter,
     _size,
     _suspended,
@@ -382,11 +382,9 @@ class _CachedKVAttention(torch.autograd.Function):
 
 def _cached_kv_attention(ctx, lay, q2, k, v, h, g, kv_comm, scale, keep, causal):
     plan = _CachedPlan(lay, h, g, kv_comm, scale, keep, causal, dc=ctx)
-    q2, vq = _lift(q2, lay.axes, ctx)
-    k, vk = _lift(k, lay.axes, ctx)
-    v, vv = _lift(v, lay.axes, ctx)
+    (q2, k, v), union = lift_common(ctx, (q2, k, v), lay.axes)
     out = _suspended(ctx, _CachedKVAttention.apply, q2, k, v, plan)
-    return set_vma(out, vq | vk | vv | frozenset(lay.axes)) if ctx.check_vma else out
+    return set_vma(out, union) if ctx.check_vma else out
 
 
 def ulysses_bytes(batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, axis_size: int,

@@ -194,3 +194,23 @@ def test_bad_ring_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="multiple of the k/v heads"):
         shard_map(lambda q, k: ring_attention(q, k, k), mesh=mesh, in_specs=P(None, "cp"),
                   out_specs=P(None, "cp"))(q, torch.zeros(1, 8, 3, 2))
+
+
+@pytest.mark.parametrize("algo", ["ring", "ulysses", "ulysses_kv_cache"])
+def test_kv_replicated_over_a_head_axis_gets_its_gradient_summed(algo):
+    # q heads split over 'tp' (tensor parallel), one k/v head replicated over 'tp' (MQA): the CP
+    # functions are autograd Functions, so they lift k/v over 'tp' themselves (pvary: psum of dk, dv).
+    from shardfn.primitives.ulysses import ulysses_attention
+
+    mesh = cached_mesh((2, 2), ("tp", "cp"))
+    q, k, v = qkv(1, 8, 4, 1, 2, torch.float64)
+
+    def local(q, k, v):
+        if algo == "ring":
+            return ring_attention(q, k, v, axis_name="cp", layout="contiguous")
+        return ulysses_attention(q, k, v, axis_name="cp", causal=True, kv_cache=algo == "ulysses_kv_cache")
+
+    f = shard_map(local, mesh=mesh, in_specs=(P(None, "cp", "tp"), P(None, "cp"), P(None, "cp")),
+                  out_specs=P(None, "cp", "tp"))
+    assert_matches_reference(f(q, k, v), q, k, v, lambda q, k, v: reference_attention(q, k, v, causal=True),
+                             dtype=torch.float64)
