@@ -86,3 +86,14 @@ def test_hybrid_volume_matches_usp_formula():
     p = u * r
     assert log.bytes_sent(0) == (Fraction(8 * (u - 1), u) + 6 * (r - 1)) * _bsh(s, h) / p
     assert log.bytes_sent(0) == hybrid_bytes(B, s, h, h, D, u, r, ITEM)
+
+
+@pytest.mark.parametrize("g", [4, 1])
+def test_ulysses_volume_with_gqa(g):
+    # PERF.md 2.3: q and o move at full h, k and v at h_kv: (2h + 2h_kv) / 4h of the MHA figure. With fewer
+    # k/v heads than ranks (g=1 < c=4) k and v are first repeated to lcm(g, c) = 4 heads, which then move.
+    c, s, h = 4, 16, 8
+    log = _count(lambda q, k, v: ulysses_attention(q, k, v), cached_mesh((c,), ("cp",)), P(None, "cp"), *_qkv(s, h, g))
+    moved_kv = max(g, c)
+    assert log.bytes_sent(0) == Fraction(8 * (c - 1), c * c) * _bsh(s, h) * Fraction(2 * h + 2 * moved_kv, 4 * h)
+    assert log.bytes_sent(0) == ulysses_bytes(B, s, h, g, D, c, ITEM)
