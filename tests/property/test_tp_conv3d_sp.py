@@ -57,7 +57,7 @@ def test_weight_gradient_is_reduced_over_the_conv_axis_only():
                         in_specs=(P(), P()), out_specs=P())
     assert_equivalent(sharded, lambda x, w: F.conv3d(x, w), x, w)
     with debug.count_comms() as log:
-        sharded(x, w.clone().requires_grad_(True)).sum().backward()
+        sharded(x.clone().requires_grad_(True), w.clone().requires_grad_(True)).sum().backward()
     # D_out = 5 windows -> 3 + 2; input frames [0, 5) and [3, 7): halo of k - s = 2 frames
     assert log.calls(0) == [("all_gather", ("sp",), "forward"), ("psum", ("sp",), "backward"),
                             ("all_gather", ("sp",), "backward")]
