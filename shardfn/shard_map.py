@@ -18,7 +18,7 @@ import torch
 from shardfn import context, debug
 from shardfn.mesh import Mesh, current_mesh
 from shardfn.spec import P, check_spec, entry_axes, join_blocks, local_block, spec_axes
-from shardfn.tree import broadcast_prefix, flatten_with_paths, format_path, unflatten
+from shardfn.tree import broadcast_prefix, flatten, flatten_with_paths, format_path, unflatten
 from shardfn.vma import VmaMode, set_vma, vma_of
 
 __all__ = ["shard_map"]
@@ -55,6 +55,8 @@ def shard_map(f, *, mesh: Mesh | None = None, in_specs, out_specs, check_vma: bo
     if not isinstance(check_vma, bool):
         raise TypeError(f"shard_map: check_vma must be a bool; got {check_vma!r}.")
 
+    plans: dict = {}
+
     @functools.wraps(f)
     def mapped(*args):
         m = mesh if mesh is not None else current_mesh()
@@ -64,7 +66,12 @@ def shard_map(f, *, mesh: Mesh | None = None, in_specs, out_specs, check_vma: bo
             )
         if not isinstance(m, Mesh):
             raise TypeError(f"shard_map: mesh must be a shardfn Mesh (from make_mesh); got {type(m).__name__}.")
-        call = _Call(f, m, args, in_specs, out_specs, check_vma)
+        leaves, treespec = flatten(args)
+        key = (id(m), treespec, tuple(x.shape if isinstance(x, torch.Tensor) else type(x) for x in leaves))
+        plan = plans.get(key)
+        if plan is None:
+            plan = plans[key] = _Plan(f, m, args, in_specs, out_specs, check_vma)
+        call = _Call(plan, leaves, args)
         if m.backend == "sim":
             return call.run_sim()
         return call.run_dist()
@@ -81,14 +88,15 @@ def _check_spec_leaves(specs, paths, root):
         )
 
 
-class _Call:
-    """One call of a mapped function: the flattened inputs, their specs, and the per-device runs."""
+class _Plan:
+    """What does not change between calls with the same argument structure and shapes."""
 
     def __init__(self, f, mesh, args, in_specs, out_specs, check_vma):
         self.f = f
         self.mesh = mesh
         self.check_vma = check_vma
         self.out_specs = out_specs
+        self.track = check_vma and mesh.size > 1
         spec_paths, spec_leaves, _ = flatten_with_paths(in_specs, is_leaf=_is_spec)
         _check_spec_leaves(spec_leaves, spec_paths, "in_specs")
         paths, leaves, self.treespec = flatten_with_paths(args)
@@ -105,9 +113,43 @@ class _Call:
                 )
         if problems:
             raise ValueError("shard_map: bad in_specs:\n  " + "\n  ".join(problems))
-        self.leaves = leaves
         self.specs = specs
+        self.spec_axes = [spec_axes(sp) for sp in specs]
         self.tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+        self.outs = {}
+
+    def out_plan(self, out):
+        """(paths, leaf specs, treespec) of an output structure, checked once per structure and shapes."""
+        paths, leaves, treespec = flatten_with_paths(out)
+        key = (treespec, tuple(x.shape if isinstance(x, torch.Tensor) else None for x in leaves))
+        found = self.outs.get(key)
+        if found is None:
+            spec_paths, spec_leaves, _ = flatten_with_paths(self.out_specs, is_leaf=_is_spec)
+            _check_spec_leaves(spec_leaves, spec_paths, "out_specs")
+            leaf_specs = broadcast_prefix(self.out_specs, out, is_leaf=_is_spec, what="out_specs")
+            problems = []
+            for path, leaf, spec in zip(paths, leaves, leaf_specs):
+                if isinstance(leaf, torch.Tensor):
+                    problems += check_spec(spec, tuple(leaf.shape), self.mesh, format_path("out_specs", path), allow_uneven=True)
+            if problems:
+                raise ValueError("shard_map: bad outputs:\n  " + "\n  ".join(problems))
+            found = self.outs[key] = (paths, leaf_specs, treespec, [set(spec_axes(sp)) for sp in leaf_specs])
+        return leaves, found
+
+
+class _Call:
+    """One call of a mapped function: its leaves and the per-device state between forward and backward."""
+
+    def __init__(self, plan, leaves, args):
+        self.plan = plan
+        self.args = args
+        self.f = plan.f
+        self.mesh = plan.mesh
+        self.check_vma = plan.check_vma
+        self.treespec = plan.treespec
+        self.specs = plan.specs
+        self.tensor_pos = plan.tensor_pos
+        self.leaves = leaves
         self.out_treespec = None
         self.out_leaf_specs = None
 
@@ -122,43 +164,36 @@ class _Call:
                 blk = blk.detach().requires_grad_(x.requires_grad)
             elif self.mesh.backend == "sim" and blk is x:
                 blk = x.detach()
-            if self.check_vma and self.mesh.size > 1:
-                set_vma(blk, spec_axes(spec))
+            if self.plan.track:
+                set_vma(blk, self.plan.spec_axes[i])
             leaves[i] = blk
             locals_.append(blk)
         return unflatten(self.treespec, leaves), locals_
 
     def _call_f(self, ctx, args):
-        mode = VmaMode(ctx) if self.check_vma and self.mesh.size > 1 else nullcontext()
+        mode = VmaMode(ctx) if self.plan.track else nullcontext()
         with mode:
             return self.f(*args)
 
     def _flatten_out(self, out):
-        paths, leaves, treespec = flatten_with_paths(out)
-        if self.out_treespec is None:
-            spec_paths, spec_leaves, _ = flatten_with_paths(self.out_specs, is_leaf=_is_spec)
-            _check_spec_leaves(spec_leaves, spec_paths, "out_specs")
-            self.out_treespec = treespec
-            self.out_paths = paths
-            self.out_leaf_specs = broadcast_prefix(self.out_specs, out, is_leaf=_is_spec, what="out_specs")
+        leaves, (paths, leaf_specs, treespec, named) = self.plan.out_plan(out)
+        self.out_paths, self.out_leaf_specs, self.out_treespec, self._named = paths, leaf_specs, treespec, named
         return leaves
 
     def _check_outputs(self, leaves):
+        if not self.plan.track:
+            return
         problems = []
-        for path, leaf, spec in zip(self.out_paths, leaves, self.out_leaf_specs):
+        for path, leaf, spec, named in zip(self.out_paths, leaves, self.out_leaf_specs, self._named):
             if not isinstance(leaf, torch.Tensor):
                 continue
-            where = format_path("out", path)
-            problems += check_spec(spec, tuple(leaf.shape), self.mesh, format_path("out_specs", path), allow_uneven=True)
-            if self.check_vma:
-                extra = sorted(vma_of(leaf) - set(spec_axes(spec)))
-                for axis in extra:
-                    problems.append(
-                        f"output {where} varies over mesh axis {axis!r}, but its spec {spec!r} does not name "
-                        f"{axis!r}. Reduce it first (psum or pmean over {axis!r}), or name {axis!r} in the "
-                        f"out_spec to keep the per-device values (e.g. P({axis!r}, ...)), or pass "
-                        f"check_vma=False to take device 0's value."
-                    )
+            for axis in sorted(vma_of(leaf) - named):
+                problems.append(
+                    f"output {format_path('out', path)} varies over mesh axis {axis!r}, but its spec {spec!r} "
+                    f"does not name {axis!r}. Reduce it first (psum or pmean over {axis!r}), or name {axis!r} "
+                    f"in the out_spec to keep the per-device values (e.g. P({axis!r}, ...)), or pass "
+                    f"check_vma=False to take device 0's value."
+                )
         if problems:
             raise ValueError("shard_map: bad outputs:\n  " + "\n  ".join(problems))
 
@@ -192,16 +227,10 @@ class _Call:
 
     def _run_inline(self, grad):
         """One device: run in the caller's thread; autograd flows through directly."""
-        from shardfn.backends.sim import _Run, SimComm
-
-        runtime = self.mesh.runtime
-        run = _Run(runtime, self.check_vma, None)
-        ctx = context.DeviceContext(self.mesh, 0, SimComm(run, 0), check_vma=self.check_vma, recorders=None)
-        leaves = list(self.leaves)
+        ctx = self.mesh.runtime.inline_context(self.check_vma)
         with context.use(ctx):
-            out = self.f(*unflatten(self.treespec, leaves))
-        out_leaves = self._flatten_out(out)
-        self._check_outputs(out_leaves)
+            out = self.f(*self.args)
+        self._flatten_out(out)
         return out
 
     def _sim_forward(self, grad):
@@ -240,7 +269,6 @@ class _Call:
                 return torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
 
         results = self.mesh.runtime.run(device, check_vma=self.check_vma, recorders=debug.active_logs())
-        self._locals_shapes = None
         coords = [self.mesh.coords_of(d) for d in range(self.mesh.size)]
         in_grads = []
         rg = [i for i in range(len(self.tensor_pos)) if self.leaves[self.tensor_pos[i]].requires_grad]
@@ -266,10 +294,10 @@ class _Call:
         leaves = list(self.leaves)
         for i in self.tensor_pos:
             blk = to_local_input(leaves[i], self.specs[i], ctx)
-            if self.check_vma and self.mesh.size > 1:
+            if self.plan.track:
                 if blk is leaves[i]:
                     blk = blk.view_as(blk)
-                set_vma(blk, spec_axes(self.specs[i]))
+                set_vma(blk, self.plan.spec_axes[i])
             leaves[i] = blk
         with context.use(ctx):
             out = self._call_f(ctx, unflatten(self.treespec, leaves))

@@ -52,9 +52,10 @@ def _fmt_sig(sig) -> str:
 
 
 class _Slot:
-    __slots__ = ("key", "members", "arrivals", "complete", "results")
+    __slots__ = ("key", "members", "arrivals", "complete", "results", "cond")
 
-    def __init__(self, key, members):
+    def __init__(self, key, members, lock):
+        self.cond = threading.Condition(lock)
         self.key = key
         self.members = members
         self.arrivals = {}
@@ -71,22 +72,39 @@ class _Run:
         self.check_vma = check_vma
         self.recorders = recorders
         n = self.mesh.size
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)  # the dispatcher waits here
         self.error = None
         self.error_device = None
         self.slots = {}
         self.seq = [dict() for _ in range(n)]
         self.mail = defaultdict(deque)
+        self.mail_cond = {}
         self.live = set(range(n))
         self.blocked = {}
         self.results = [None] * n
         self.done = 0
+        self.gate = runtime.gate
+        self.holding = [False] * n
+
+    # ---- the run gate: at most `max_running` device threads compute at once -------------------
+    def enter_gate(self, dev):
+        if self.gate is not None and not self.holding[dev]:
+            self.gate.acquire()
+            self.holding[dev] = True
+
+    def leave_gate(self, dev):
+        if self.holding[dev]:
+            self.holding[dev] = False
+            self.gate.release()
 
     # ---- failure handling (lock held) ------------------------------------------------------
     def _abort(self, err, device=None):
         if self.error is None:
             self.error = err
             self.error_device = device
+        for _, _, cond in self.blocked.values():
+            cond.notify_all()
         self.cond.notify_all()
 
     def _check_deadlock(self):
@@ -105,12 +123,14 @@ class _Run:
             )
         )
 
-    def _wait(self, dev, describe, ready):
-        self.blocked[dev] = (describe, ready)
+    def _wait(self, dev, describe, progress, done, cond):
+        """Block `dev` on `cond` until done(); progress() says whether it is no longer stuck."""
+        self.blocked[dev] = (describe, progress, cond)
+        self.leave_gate(dev)
         try:
             self._check_deadlock()
             deadline = time.monotonic() + self.mesh.timeout
-            while not ready():
+            while not done():
                 if self.error is not None:
                     raise _Aborted
                 remaining = deadline - time.monotonic()
@@ -123,7 +143,7 @@ class _Run:
                         )
                     )
                     raise _Aborted
-                self.cond.wait(remaining)
+                cond.wait(remaining)
         finally:
             del self.blocked[dev]
 
@@ -142,7 +162,7 @@ class _Run:
             seqs[key] = step + 1
             slot = self.slots.get((key, step))
             if slot is None:
-                slot = self.slots[(key, step)] = _Slot(key, members)
+                slot = self.slots[(key, step)] = _Slot(key, members, self.lock)
             slot.arrivals[pos] = (sig, site, payload)
             if len(slot.arrivals) < len(members):
 
@@ -150,11 +170,7 @@ class _Run:
                     missing = [self.mesh.describe(m) for i, m in enumerate(members) if i not in slot.arrivals]
                     return f"{_fmt_sig(sig)} at {site}, for device(s) {', '.join(missing)}"
 
-                self._wait(dev, describe, lambda: slot.complete)
-                while slot.results is None:
-                    if self.error is not None:
-                        raise _Aborted
-                    self.cond.wait()
+                self._wait(dev, describe, lambda: slot.complete, lambda: slot.results is not None, slot.cond)
                 return slot.results[pos]
             slot.complete = True
             del self.slots[(key, step)]
@@ -181,7 +197,7 @@ class _Run:
             raise _Aborted from None
         with self.cond:
             slot.results = results
-            self.cond.notify_all()
+            slot.cond.notify_all()
         return results[pos]
 
     def p2p(self, dev, axes, sends, recvs):
@@ -191,9 +207,10 @@ class _Run:
             if self.error is not None:
                 raise _Aborted
             for dst, tensor in sends:
-                self.mail[(key, pos, dst)].append(tensor.detach().clone())
-            if sends:
-                self.cond.notify_all()
+                box_key = (key, pos, dst)
+                self.mail[box_key].append(tensor.detach().clone())
+                if box_key in self.mail_cond:
+                    self.mail_cond[box_key].notify_all()
         out = []
         for src, shape, dtype in recvs:
             with self.cond:
@@ -207,7 +224,8 @@ class _Run:
                             f"{self.mesh.describe(members[src])} over {key[0]} at {site}"
                         )
 
-                    self._wait(dev, describe, lambda: bool(box))
+                    cond = self.mail_cond.setdefault((key, src, pos), threading.Condition(self.lock))
+                    self._wait(dev, describe, lambda: bool(box), lambda: bool(box), cond)
                 tensor = box.popleft()
             if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
                 with self.cond:
@@ -226,6 +244,7 @@ class _Run:
     def execute(self, dev, fn):
         ctx = context.DeviceContext(self.mesh, dev, SimComm(self, dev), check_vma=self.check_vma, recorders=self.recorders)
         try:
+            self.enter_gate(dev)
             with context.use(ctx):
                 result = fn(ctx)
         except _Aborted:
@@ -236,6 +255,7 @@ class _Run:
         else:
             self.results[dev] = result
         finally:
+            self.leave_gate(dev)
             with self.cond:
                 self.live.discard(dev)
                 self.done += 1
@@ -252,6 +272,11 @@ class SimComm:
         self.run = run
         self.dev = dev
 
+    def _go(self, axes, sig, compute):
+        out = self.run.collective(self.dev, axes, sig, compute)
+        self.run.enter_gate(self.dev)
+        return out
+
     def all_reduce(self, x, axes, op):
         def compute(payloads):
             acc = payloads[0].clone()
@@ -264,14 +289,14 @@ class SimComm:
                     torch.minimum(acc, p, out=acc)
             return [acc] + [acc.clone() for _ in payloads[1:]]
 
-        return self.run.collective(self.dev, axes, ("p" + op, axes, x.shape, x.dtype, "", x), compute)
+        return self._go(axes, ("p" + op, axes, x.shape, x.dtype, "", x), compute)
 
     def all_gather(self, x, axes, dim):
         def compute(payloads):
             full = torch.cat(payloads, dim)
             return [full] + [full.clone() for _ in payloads[1:]]
 
-        return self.run.collective(self.dev, axes, ("all_gather", axes, x.shape, x.dtype, f"dim={dim}", x), compute)
+        return self._go(axes, ("all_gather", axes, x.shape, x.dtype, f"dim={dim}", x), compute)
 
     def reduce_scatter(self, x, axes, dim):
         def compute(payloads):
@@ -285,7 +310,7 @@ class SimComm:
                 out.append(acc)
             return out
 
-        return self.run.collective(self.dev, axes, ("psum_scatter", axes, x.shape, x.dtype, f"dim={dim}", x), compute)
+        return self._go(axes, ("psum_scatter", axes, x.shape, x.dtype, f"dim={dim}", x), compute)
 
     def all_to_all(self, x, axes, split_dim, concat_dim):
         def compute(payloads):
@@ -294,7 +319,7 @@ class SimComm:
             return [torch.cat([c[i] for c in chunks], concat_dim) for i in range(n)]
 
         extra = f"split_dim={split_dim} concat_dim={concat_dim}"
-        return self.run.collective(self.dev, axes, ("all_to_all", axes, x.shape, x.dtype, extra, x), compute)
+        return self._go(axes, ("all_to_all", axes, x.shape, x.dtype, extra, x), compute)
 
     def permute(self, x, axes, perm):
         def compute(payloads):
@@ -303,10 +328,12 @@ class SimComm:
                 out[dst] = payloads[src].clone()
             return [o if o is not None else torch.zeros_like(payloads[i]) for i, o in enumerate(out)]
 
-        return self.run.collective(self.dev, axes, ("ppermute", axes, x.shape, x.dtype, f"perm={list(perm)}", x), compute)
+        return self._go(axes, ("ppermute", axes, x.shape, x.dtype, f"perm={list(perm)}", x), compute)
 
     def p2p(self, axes, sends, recvs):
-        return self.run.p2p(self.dev, axes, sends, recvs)
+        out = self.run.p2p(self.dev, axes, sends, recvs)
+        self.run.enter_gate(self.dev)
+        return out
 
 
 class _Worker:
@@ -335,9 +362,41 @@ class SimRuntime:
     def __init__(self, mesh):
         self.mesh = mesh
         self._groups = {}
+        self._inline = {}
         self._workers = None
         self._lock = threading.Lock()
-        self.threads_per_device = max(1, (os.cpu_count() or 1) // mesh.size)
+        cores = os.cpu_count() or 1
+        self.threads_per_device = max(1, cores // mesh.size)
+        # Oversubscribing the cores with device threads costs more in switches than it gains; a
+        # device waiting in a collective gives its place to another, so this cannot deadlock.
+        self.gate = None
+        self.max_running = cores
+
+    @property
+    def max_running(self) -> int:
+        """How many device threads may compute at once (default: the machine's cores).
+
+        Raise it to the mesh size for programs whose devices mostly sleep or wait on I/O (e.g.
+        a pipeline benchmark with sleep-based stages), so that they overlap as real devices would.
+        """
+        return self._max_running
+
+    @max_running.setter
+    def max_running(self, value: int) -> None:
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"SimRuntime.max_running must be a positive int; got {value!r}.")
+        self._max_running = value
+        self.gate = threading.Semaphore(value) if value < self.mesh.size else None
+
+    def inline_context(self, check_vma):
+        """The reusable device context of a 1-device mesh, whose programs run in the caller's thread."""
+        ctx = self._inline.get(check_vma)
+        if ctx is None:
+            run = _Run(self, check_vma, None)
+            ctx = self._inline[check_vma] = context.DeviceContext(
+                self.mesh, 0, SimComm(run, 0), check_vma=check_vma, recorders=None
+            )
+        return ctx
 
     def group(self, dev, axes):
         """(group key, member device ranks in group order, position of `dev`) for `axes`."""
