@@ -23,6 +23,9 @@ _ATTR = "_shardfn_vma"
 _Tensor = torch.Tensor
 
 
+_AUTOGRAD_ENTRIES = frozenset({torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward})
+
+
 def vma_of(x) -> frozenset:
     """The mesh axes local tensor `x` may vary over (empty for invariant values and non-tensors)."""
     return getattr(x, _ATTR, EMPTY) if isinstance(x, _Tensor) else EMPTY
@@ -61,7 +64,9 @@ class VmaMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
-        if self.ctx.suspended:
+        if self.ctx.suspended or func in _AUTOGRAD_ENTRIES:
+            # autograd.grad / backward are not ops on values: lifting their outputs would pvary the
+            # loss and sum its cotangent over the axes (gradients taken inside the program double)
             return func(*args, **kwargs)
         found = []
         for a in args:
