@@ -226,3 +226,25 @@ def test_errors_name_the_argument():
                   in_specs=({"weight": P(None, "tp")}, P(None, None, "tp")), out_specs=P())({"weight": torch.randn(3, 4)}, torch.randn(2, 2, 4))
     with pytest.raises(ValueError, match="unknown parameter keys"):
         column_parallel_specs({"weight": 1, "scale": 2})
+
+
+def test_gradients_taken_inside_the_program_are_local_gradients():
+    """torch.autograd.grad inside shard_map (as a training step does) must not be lifted by the vma mode."""
+    mesh = _mesh((1, 2))
+    gen = torch.Generator().manual_seed(11)
+    x = _rand(gen, 2, 3, 4)
+    w1, w2 = _rand(gen, 6, 4).requires_grad_(True), _rand(gen, 4, 6).requires_grad_(True)
+
+    def local(w1, w2, x):
+        y = row_parallel_linear({"weight": w2}, torch.tanh(column_parallel_linear({"weight": w1}, x)))
+        loss = y.pow(2).mean()
+        g1, g2 = torch.autograd.grad(loss, [w1, w2])
+        return loss.detach(), g1.detach(), g2.detach()
+
+    loss, g1, g2 = shard_map(local, mesh=mesh, in_specs=(P("tp", None), P(None, "tp"), P()),
+                             out_specs=(P(), P("tp", None), P(None, "tp")))(w1, w2, x)
+    ref = F.linear(torch.tanh(F.linear(x, w1)), w2).pow(2).mean()
+    r1, r2 = torch.autograd.grad(ref, [w1, w2])
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g1, r1, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g2, r2, rtol=1e-10, atol=1e-12)
