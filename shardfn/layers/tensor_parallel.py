@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from shardfn.primitives.collectives import axis_index, axis_size, pmax, psum
 from shardfn.primitives.overlap import all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter
 from shardfn.primitives.tensor_parallel import tp_enter, tp_exit
-from shardfn.primitives.uneven import uneven_all_gather, uneven_psum_scatter
+from shardfn.primitives.uneven import pad_blocks, trim_block, uneven_all_gather, uneven_psum_scatter
 from shardfn.spec import P
 
 __all__ = [
@@ -37,6 +38,9 @@ __all__ = [
     "column_parallel_specs",
     "row_parallel_specs",
     "vocab_parallel_embedding_specs",
+    "unaligned_attention_layout",
+    "unaligned_attention_specs",
+    "unaligned_attention_local",
 ]
 
 
@@ -215,3 +219,63 @@ def row_parallel_specs(params: dict, axis_name="tp") -> dict:
 def vocab_parallel_embedding_specs(params: dict, axis_name="tp") -> dict:
     """Specs of a vocab-parallel embedding's params: weight ``P(tp, None)``."""
     return _specs(params, {"weight": P(axis_name, None)}, "vocab_parallel_embedding_specs")
+
+
+# ---- unaligned heads (FEATURES.md 57): weights follow tensor_split sizes of the kv groups -----------
+def _group_dims(num_heads, num_kv_heads, head_dim):
+    if num_heads % num_kv_heads:
+        raise ValueError(f"unaligned attention: num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}.")
+    return num_heads // num_kv_heads
+
+
+def unaligned_attention_layout(params: dict, *, num_heads: int, num_kv_heads: int, head_dim: int, num_parts: int) -> dict:
+    """Lay the attention params (``attention_block.init``) out for a tp split of kv groups by `split_sizes`.
+
+    The kv groups (each with its ``num_heads / num_kv_heads`` query heads, MHA: one head per group)
+    are split ``tensor_split``-style over ``num_parts`` devices, e.g. 25 heads over 4 -> 7, 6, 6, 6.
+    Each weight is viewed with a leading-group dim and every device's block zero-padded to the
+    largest (`pad_blocks`), so ``unaligned_attention_specs`` can split it evenly; inside shard_map
+    `unaligned_attention_local` trims the padding. Differentiable (the padding's gradient is dropped).
+
+    Returns:
+        ``{"q": [G, r*d, H], "k"/"v": [G, d, H], "o": [H, G, r*d]}`` (biases ``[G, r*d]``/``[G, d]``) with
+        G = ``num_parts * ceil(num_kv_heads / num_parts)``.
+    """
+    r = _group_dims(num_heads, num_kv_heads, head_dim)
+    out = {}
+    for name in ("q", "k", "v"):
+        width = r * head_dim if name == "q" else head_dim
+        p = {"weight": pad_blocks(rearrange(params[name]["weight"], "(g e) h -> g e h", e=width), num_parts, dim=0)}
+        if "bias" in params[name]:
+            p["bias"] = pad_blocks(rearrange(params[name]["bias"], "(g e) -> g e", e=width), num_parts, dim=0)
+        out[name] = p
+    o = {"weight": pad_blocks(rearrange(params["o"]["weight"], "h (g e) -> h g e", e=r * head_dim), num_parts, dim=1)}
+    if "bias" in params["o"]:
+        o["bias"] = params["o"]["bias"]
+    out["o"] = o
+    return out
+
+
+def unaligned_attention_specs(params: dict, axis_name="tp") -> dict:
+    """Specs of `unaligned_attention_layout`'s output: the group dim split over ``axis_name``."""
+    out = {name: {k: P(axis_name) for k in params[name]} for name in ("q", "k", "v")}
+    out["o"] = {"weight": P(None, axis_name), **({"bias": P()} if "bias" in params["o"] else {})}
+    return out
+
+
+def unaligned_attention_local(params: dict, *, num_kv_heads: int, axis_name="tp") -> dict:
+    """Inside shard_map: trim this device's padded block to its kv groups and flatten to linear params.
+
+    Returns ``attention_block``-style params ``{"q": [g_r*r*d, H], "k"/"v": [g_r*d, H], "o": [H, g_r*r*d]}``
+    for ``attention_block.apply`` with ``column_linear`` a local linear and ``row_linear``
+    `row_parallel_linear` (x entered once with ``tp_enter``).
+    """
+    out = {}
+    for name in ("q", "k", "v"):
+        out[name] = {k: rearrange(trim_block(t, num_kv_heads, axis_name, dim=0), "g e ... -> (g e) ...")
+                     for k, t in params[name].items()}
+    o = {"weight": rearrange(trim_block(params["o"]["weight"], num_kv_heads, axis_name, dim=1), "h g e -> h (g e)")}
+    if "bias" in params["o"]:
+        o["bias"] = params["o"]["bias"]
+    out["o"] = o
+    return out

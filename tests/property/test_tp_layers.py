@@ -248,3 +248,31 @@ def test_gradients_taken_inside_the_program_are_local_gradients():
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g1, r1, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(g2, r2, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("tp,heads,kv_heads,sp", [(4, 25, 25, False), (2, 10, 5, True), (3, 4, 4, False)])
+def test_unaligned_heads_attention(tp, heads, kv_heads, sp):
+    """25 heads over 4 (7, 6, 6, 6) and GQA 5 groups over 2 (3, 2): weights follow the kv groups."""
+    from shardfn.layers import attention_block
+    from shardfn.layers.tensor_parallel import unaligned_attention_layout, unaligned_attention_local, unaligned_attention_specs
+    from shardfn.primitives.tensor_parallel import tp_enter
+
+    mesh = _mesh((1, tp))
+    gen = torch.Generator().manual_seed(heads)
+    d, hidden, s = 1, 3, 2 * tp
+    params = attention_block.init(gen, hidden, heads, kv_heads, d, bias=True, dtype=D64)
+    x = _rand(gen, 1, s, hidden)
+
+    def local(p, x):
+        lp = unaligned_attention_local(p, num_kv_heads=kv_heads)
+        h = tp_enter(x, "tp", sequence_dim=1 if sp else None)
+        row = lambda q, y: row_parallel_linear(q, y, reduce="psum_scatter" if sp else "psum")  # noqa: E731
+        return attention_block.apply(lp, h, head_dim=d, column_linear=lambda q, y: F.linear(y, q["weight"], q.get("bias")),
+                                     row_linear=row)
+
+    def sharded(p, x):
+        view = unaligned_attention_layout(p, num_heads=heads, num_kv_heads=kv_heads, head_dim=d, num_parts=tp)
+        xs = P(None, "tp") if sp else P()
+        return shard_map(local, mesh=mesh, in_specs=(unaligned_attention_specs(view), xs), out_specs=xs)(view, x)
+
+    assert_equivalent(sharded, lambda p, x: attention_block.apply(p, x, head_dim=d), params, x)

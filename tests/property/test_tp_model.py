@@ -122,3 +122,26 @@ def test_config_errors():
             tp_layout(params, cfg), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long))
     with pytest.raises(NotImplementedError, match="dropout"):
         tp_specs({}, LlamaConfig(vocab_size=4, hidden=4, num_layers=1, num_heads=2, hidden_dropout=0.1))
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_block_with_coc_chunks_equals_unchunked(sp):
+    """CoC in the block (row linears as k pipelined chunks): bitwise the unchunked block, same gradients."""
+    tp, k = 2, 2
+    mesh = cached_mesh((1, tp), ("dp", "tp"))
+    cfg = _config(tp, num_layers=1)
+    gen = torch.Generator().manual_seed(21)
+    params = block.init(gen, cfg)
+    x = torch.randn(2, 2 * tp * k, cfg.hidden, generator=gen, dtype=D64)
+    rope = rope_cache(x.shape[1], cfg.rope_dim, dtype=D64)
+    xspec = P(None, "tp") if sp else P()
+
+    def run(chunks):
+        def fn(p, x):
+            f = shard_map(lambda p, x: tp_block_apply(p, x, config=cfg, sequence_parallel=sp, rope=rope, num_chunks=chunks),
+                          mesh=mesh, in_specs=(tp_block_specs(p, cfg), xspec), out_specs=xspec)
+            return f(tp_layout(p, cfg), x)
+        return fn
+
+    assert torch.equal(run(k)(params, x), run(1)(params, x))
+    assert_equivalent(run(k), lambda p, x: block.apply(p, x, config=cfg, rope=rope), params, x)
