@@ -126,7 +126,11 @@ def test_config_errors():
 
 @pytest.mark.parametrize("sp", [False, True])
 def test_block_with_coc_chunks_equals_unchunked(sp):
-    """CoC in the block (row linears as k pipelined chunks): bitwise the unchunked block, same gradients."""
+    """CoC in the block (row linears as k pipelined chunks) equals the unchunked block and the reference.
+
+    Not compared bitwise: inside the block the chunks are strided row subsets whose GEMMs the CPU
+    BLAS may block differently from the whole (last-bit differences); 1e-12 in float64.
+    """
     tp, k = 2, 2
     mesh = cached_mesh((1, tp), ("dp", "tp"))
     cfg = _config(tp, num_layers=1)
@@ -143,5 +147,5 @@ def test_block_with_coc_chunks_equals_unchunked(sp):
             return f(tp_layout(p, cfg), x)
         return fn
 
-    assert torch.equal(run(k)(params, x), run(1)(params, x))
+    torch.testing.assert_close(run(k)(params, x), run(1)(params, x), rtol=1e-12, atol=1e-12)
     assert_equivalent(run(k), lambda p, x: block.apply(p, x, config=cfg, rope=rope), params, x)
