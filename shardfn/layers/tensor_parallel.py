@@ -26,7 +26,7 @@ from einops import rearrange
 
 from shardfn.primitives.collectives import axis_index, axis_size, pmax, psum
 from shardfn.primitives.overlap import all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter
-from shardfn.primitives.tensor_parallel import tp_enter, tp_exit
+from shardfn.primitives.tensor_parallel import sp_column_linear_regather, tp_enter, tp_exit
 from shardfn.primitives.uneven import pad_blocks, trim_block, uneven_all_gather, uneven_psum_scatter
 from shardfn.spec import P
 
@@ -60,7 +60,8 @@ def _check_linear(api, params, x):
 
 def column_parallel_linear(params: dict, x: torch.Tensor, *, axis_name="tp", gather_output: bool = False,
                            out_features: int | None = None, sequence_dim: int | None = None,
-                           sequence_length: int | None = None, num_chunks: int = 1) -> torch.Tensor:
+                           sequence_length: int | None = None, num_chunks: int = 1,
+                           keep_gathered_input: bool = True) -> torch.Tensor:
     """Column-parallel linear ``Y_r = X W_r^T + b_r``: each device computes its block of output features.
 
     Args:
@@ -75,6 +76,9 @@ def column_parallel_linear(params: dict, x: torch.Tensor, *, axis_name="tp", gat
         sequence_dim: None for TP; the sequence dim of x for SP.
         sequence_length: SP with an uneven sequence split: the global s.
         num_chunks: SP only: CoC chunks of the all-gather + matmul (FEATURES.md 39); 1 = no chunking.
+        keep_gathered_input: SP only. True (default): autograd keeps the gathered input for dW
+            (PERF.md 2.2's paper convention, 8(t-1)/t * bsh per layer). False: keep only the local
+            block and all-gather it again in backward (Megatron-core, 10(t-1)/t with fused QKV).
 
     Returns:
         ``[..., out_r]`` (``[b, s, out_r]`` under SP), varying over ``axis_name``; ``[..., out]``
@@ -86,7 +90,14 @@ def column_parallel_linear(params: dict, x: torch.Tensor, *, axis_name="tp", gat
     """
     api = "column_parallel_linear"
     w, b = _check_linear(api, params, x)
-    if num_chunks != 1:
+    if not keep_gathered_input:
+        if sequence_dim is None or sequence_length is not None or num_chunks != 1:
+            raise ValueError(
+                f"{api}: keep_gathered_input=False re-gathers the SP input in backward; it needs sequence_dim, an "
+                f"even sequence split (sequence_length=None) and num_chunks=1."
+            )
+        y = sp_column_linear_regather(x, w, b, axis_name, sequence_dim=sequence_dim)
+    elif num_chunks != 1:
         if sequence_dim is None or sequence_length is not None:
             raise ValueError(
                 f"{api}: num_chunks={num_chunks} chunks the sequence all-gather, so it needs sequence_dim (SP) "

@@ -276,3 +276,45 @@ def test_unaligned_heads_attention(tp, heads, kv_heads, sp):
         return shard_map(local, mesh=mesh, in_specs=(unaligned_attention_specs(view), xs), out_specs=xs)(view, x)
 
     assert_equivalent(sharded, lambda p, x: attention_block.apply(p, x, head_dim=d), params, x)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 2), (2, 2), (1, 3)])
+@pytest.mark.parametrize("keep", [True, False])
+def test_sp_mlp_both_conventions_values_and_bytes(mesh_shape, keep):
+    """SP MLP, gathered input kept (paper) or re-gathered in backward (Megatron-core): same values,
+    bytes per device 4(t-1)/t * bsh or 5(t-1)/t * bsh (half of PERF.md 2.2's 8 and 10 per layer),
+    plus the norm weight's gradient all-reduce."""
+    from shardfn import debug
+
+    mesh = _mesh(mesh_shape)
+    dp, tp = mesh_shape
+    gen = torch.Generator().manual_seed(tp + 10 * dp)
+    b, s, h, f = 2 * dp, 2 * tp, 3, 2 * tp
+    x = _rand(gen, b, s, h)
+    nw = 1.0 + 0.1 * _rand(gen, h)
+    p1 = {"weight": _rand(gen, f, h), "bias": _rand(gen, f)}
+    p2 = {"weight": _rand(gen, h, f)}
+
+    def local(x, nw, p1, p2):
+        y = column_parallel_linear(p1, F.rms_norm(x, (h,), nw, 1e-6), sequence_dim=1, keep_gathered_input=keep)
+        return x + row_parallel_linear(p2, F.gelu(y), reduce="psum_scatter")
+
+    sharded = shard_map(local, mesh=mesh, in_specs=(P("dp", "tp"), P(), column_parallel_specs(p1), row_parallel_specs(p2)),
+                        out_specs=P("dp", "tp"))
+
+    def ref(x, nw, p1, p2):
+        return x + F.linear(F.gelu(F.linear(F.rms_norm(x, (h,), nw, 1e-6), p1["weight"], p1["bias"])), p2["weight"])
+
+    assert_equivalent(sharded, ref, x, nw, p1, p2)
+    with debug.count_comms() as log:
+        args = [x, nw, p1, p2]
+        args = torch.utils._pytree.tree_map(lambda t: t.detach().clone().requires_grad_(True), args)
+        sharded(*args).pow(2).sum().backward()
+    from fractions import Fraction
+
+    bsh = (b // dp) * s * h * 8
+    tp_only = sum(r.bytes_sent for r in log.records if r.device == 0 and r.axis_name == ("tp",))
+    assert tp_only == Fraction((4 if keep else 5) * (tp - 1), tp) * bsh
+    n = dp * tp  # the norm weight meets x split over dp and tp: one all-reduce of its gradient over both
+    both = sum(r.bytes_sent for r in log.records if r.device == 0 and r.axis_name == ("dp", "tp"))
+    assert both == Fraction(2 * (n - 1), n) * h * 8
