@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from shardfn.primitives.collectives import axis_index, axis_size, pmax, psum
+from shardfn.primitives.collectives import axis_index, axis_size, pmax, psum, pvary
 from shardfn.primitives.overlap import all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter
 from shardfn.primitives.tensor_parallel import sp_column_linear_regather, tp_enter, tp_exit
 from shardfn.primitives.uneven import pad_blocks, trim_block, uneven_all_gather, uneven_psum_scatter
@@ -140,6 +140,8 @@ def row_parallel_linear(params: dict, x: torch.Tensor, *, axis_name="tp", reduce
             y = matmul_reduce_scatter(x, w, axis_name, dim=sequence_dim, num_chunks=num_chunks)
     else:
         y = tp_exit(F.linear(x, w), axis_name, reduce=reduce, sequence_dim=sequence_dim)
+    if b is not None and reduce == "psum_scatter":
+        b = pvary(b, axis_name)  # the bias meets sequence shards: its gradient sums over tp (also with check_vma=False)
     return y if b is None else y + b
 
 

@@ -35,7 +35,7 @@ from shardfn.layers.config import LlamaConfig
 from shardfn.layers.core_attention import attention
 from shardfn.layers.rotary import rope_cache
 from shardfn.layers.tensor_parallel import column_parallel_linear, row_parallel_linear, vocab_parallel_cross_entropy, vocab_parallel_embedding
-from shardfn.primitives.collectives import axis_index, axis_size, pmean
+from shardfn.primitives.collectives import axis_index, axis_size, pmean, pvary
 from shardfn.primitives.tensor_parallel import tp_enter
 from shardfn.spec import P
 from shardfn.tree import tree_map
@@ -176,6 +176,9 @@ def tp_block_apply(params: dict, x: torch.Tensor, *, config: LlamaConfig, axis_n
     if c.position == "alibi":
         all_slopes = alibi_slopes(c.num_heads, dtype=torch.float32, device=x.device)
         slopes = rearrange(all_slopes, "(t h) -> t h", t=axis_size(axis_name))[axis_index(axis_name)]
+    if sequence_parallel:  # norms run on sequence shards: their gradients sum over tp (Megatron's
+        # sequence_parallel-marked params); explicit so it also holds under check_vma=False
+        params = dict(params, attn_norm=pvary(params["attn_norm"], axis_name), mlp_norm=pvary(params["mlp_norm"], axis_name))
     h = enter(norm.apply(params["attn_norm"], x, kind=c.norm, eps=c.norm_eps))
     a = attention_block.apply(params["attn"], h, head_dim=c.dim_per_head, rope=rope,
                               rotary_interleaved=c.rotary_interleaved, alibi_slopes=slopes, attn_fn=attn_fn,
@@ -214,7 +217,8 @@ def tp_model_apply(params: dict, tokens: torch.Tensor, *, config: LlamaConfig, a
     for p in params["layers"]:
         x = tp_block_apply(p, x, config=c, axis_name=axis_name, sequence_parallel=sp, sequence_length=s,
                            rope=rope, num_chunks=num_chunks)
-    x = norm.apply(params["final_norm"], x, kind=c.norm, eps=c.norm_eps)
+    final_norm = pvary(params["final_norm"], axis_name) if sp else params["final_norm"]
+    x = norm.apply(final_norm, x, kind=c.norm, eps=c.norm_eps)
     head = params["embed"] if c.tie_embeddings else params["head"]
     return column_parallel_linear(head, x, axis_name=axis_name, sequence_dim=1 if sp else None,
                                   sequence_length=s if sp else None)

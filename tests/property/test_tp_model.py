@@ -149,3 +149,22 @@ def test_block_with_coc_chunks_equals_unchunked(sp):
 
     torch.testing.assert_close(run(k)(params, x), run(1)(params, x), rtol=1e-12, atol=1e-12)
     assert_equivalent(run(k), lambda p, x: block.apply(p, x, config=cfg, rope=rope), params, x)
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_model_without_vma_tracking(sp):
+    """check_vma=False (no tracking cost): the explicit pvary of the TP entry, SP norms and SP row
+    biases still give the reference gradients (the dp reduction is on the user, so dp = 1 here)."""
+    mesh = cached_mesh((1, 2), ("dp", "tp"))
+    cfg = _config(2, num_layers=1, bias=True)
+    gen = torch.Generator().manual_seed(8)
+    params = model.init(gen, cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 4), generator=gen)
+    targets = torch.randint(0, cfg.vocab_size, (2, 4), generator=gen)
+    loss_fn = functools.partial(tp_model_loss, config=cfg, sequence_parallel=sp)
+
+    def sharded(params, tokens, targets):
+        f = shard_map(loss_fn, mesh=mesh, in_specs=(tp_specs(params, cfg), P(), P()), out_specs=P(), check_vma=False)
+        return f(tp_layout(params, cfg), tokens, targets)
+
+    assert_equivalent(sharded, lambda p, a, b: model.loss(p, a, b, config=cfg), params, tokens, targets, atol=1e-10)
