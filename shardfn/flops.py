@@ -3,7 +3,8 @@
 Convention: a multiply-add is 2 FLOPs; only matmul-like ops count (mm, bmm, addmm, convolution,
 attention kernels as ``4 b h s_q s_k d`` forward and twice that backward); elementwise ops,
 softmax and norms count 0; causal masking is not discounted. "traversed" counts every op run
-(hardware FLOPs, HFU); "recorded" leaves out forwards re-run by recomputation (model FLOPs, MFU).
+(hardware FLOPs, HFU); "recorded" leaves out forwards re-run by recomputation (model FLOPs, MFU),
+including the q k^T that a flash-attention backward recomputes inside its kernel.
 """
 from __future__ import annotations
 
@@ -35,6 +36,14 @@ _CUSTOM = {
 }
 
 
+_FLASH_BACKWARDS = {
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward,
+    _aten._scaled_dot_product_flash_attention_backward,
+    _aten._scaled_dot_product_efficient_attention_backward,
+    _aten._scaled_dot_product_cudnn_attention_backward,
+}
+
+
 class _Counter(_fc.FlopCounterMode):
     """FlopCounterMode that also sums the FLOPs run inside ``recomputing()``."""
 
@@ -46,6 +55,11 @@ class _Counter(_fc.FlopCounterMode):
     def _count_flops(self, func_packet, out, args, kwargs):
         if self.recompute_depth and func_packet in self.flop_registry:
             self.recompute_flops += self.flop_registry[func_packet](*args, **kwargs, out_val=out)
+        elif func_packet in _FLASH_BACKWARDS:
+            # A flash backward first recomputes the scores q k^T: hardware work, not model work.
+            q, k = args[1], args[2]
+            b, h, s_q, d = q.shape
+            self.recompute_flops += 2 * b * h * s_q * k.shape[-2] * d
         return super()._count_flops(func_packet, out, args, kwargs)
 
 
@@ -93,11 +107,29 @@ class FlopCount:
         return self.traversed - self.recompute
 
 
+def _graph_leaves(outs):
+    """The leaf tensors (AccumulateGrad nodes) the outputs' graph reaches."""
+    leaves, seen = [], set()
+    stack = [t.grad_fn for t in outs if t.grad_fn is not None]
+    stack += [None] if any(t.grad_fn is None for t in outs) else []
+    leaves += [t for t in outs if t.grad_fn is None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return leaves
+
+
 def count(fn, *args, backward: bool = True, **kwargs) -> FlopCount:
     """Count the FLOPs of ``fn(*args, **kwargs)`` and, by default, of its backward.
 
-    The backward differentiates every floating output with ones as the cotangent, w.r.t. the
-    tensors in args/kwargs that require grad (``torch.autograd.grad``: no ``.grad`` is touched).
+    The backward differentiates every output that requires grad, with ones as the cotangent,
+    w.r.t. every leaf of its graph (arguments and closed-over parameters alike), through
+    ``torch.autograd.grad``: no ``.grad`` is touched.
 
     Args:
       fn: the function.
@@ -118,8 +150,7 @@ def count(fn, *args, backward: bool = True, **kwargs) -> FlopCount:
         fwd = counter.get_total_flops()
         if backward:
             outs = [t for t in optree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
-            leaves = [t for t in optree.tree_leaves((args, kwargs))
-                      if isinstance(t, torch.Tensor) and t.requires_grad]
+            leaves = _graph_leaves(outs)
             if outs and leaves:
                 torch.autograd.grad(outs, leaves, [torch.ones_like(t) for t in outs], allow_unused=True)
         total = counter.get_total_flops()

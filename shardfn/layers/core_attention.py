@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from shardfn.layers.masks import CompressedCausal, causal_mask
+from shardfn.layers.vma_align import align_vma
 
 __all__ = ["attention", "explicit_attention", "varlen_attention"]
 
@@ -119,8 +120,8 @@ def explicit_attention(q, k, v, *, causal=False, mask=None, bias=None, scale=Non
         probs = torch.exp(scores - safe[..., None])
     else:
         probs = torch.softmax(scores, dim=-1)
-        if add is not None:
-            probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows
+        if add is not None and bool(torch.isneginf(add).all(-1).any()):
+            probs = torch.nan_to_num(probs, nan=0.0)  # rows that keep no key
     if dropout_p > 0.0:
         keep = torch.empty_like(probs).bernoulli_(1.0 - dropout_p, generator=generator)
         probs = probs * (keep / (1.0 - dropout_p))
@@ -185,7 +186,8 @@ def attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None, dropou
 
     Returns:
       ``out`` `[b, s_q, h, d]` in q's dtype, and with ``return_lse`` also ``lse`` `[b, h, s_q]`
-      in fp32 (float64 for float64 inputs). Both are differentiable w.r.t. q, k, v.
+      in fp32 (float64 for float64 inputs). Both are differentiable w.r.t. q, k, v. A row that
+      keeps no key gives output 0 and LSE -inf (weight 0 in a ring merge).
 
     Raises:
       TypeError / ValueError: on wrong kinds or shapes, naming the argument.
@@ -226,7 +228,13 @@ def attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None, dropou
         return rearrange(out, "b h s d -> b s h d")
     if add is not None and add.dim() != 2:
         add = add.reshape((1,) * (4 - add.dim()) + tuple(add.shape)).expand(b, h, s_q, s_k)
+    qh, kh, vh = align_vma(qh, kh, vh)
     out, lse = _FlashCpu.apply(qh, kh, vh, add, kernel_causal, scale_)
+    if return_lse and add is not None:
+        # The kernel reports lse 0 for a row that keeps no key; -inf is what a merge needs.
+        empty = torch.isneginf(add).all(-1)  # [s_q] or [b, h, s_q]
+        if bool(empty.any()):
+            lse = lse.masked_fill(empty, float("-inf"))
     out = rearrange(out, "b h s d -> b s h d")
     return (out, lse) if return_lse else out
 

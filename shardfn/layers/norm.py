@@ -8,13 +8,43 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from shardfn.layers.vma_align import align_vma
+
 __all__ = ["rms_norm", "layer_norm", "init", "apply"]
 
-_LOW = (torch.bfloat16, torch.float16)
+class _RMSNorm(torch.autograd.Function):
+    """RMSNorm as one autograd node (the fused op's contract): saves x and rstd only.
+
+    One node also means x receives one gradient from the norm, so recomputing the norm
+    elsewhere (norm recompute) sums gradients in the same order: bitwise equal results.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xc = x.to(cdtype)
+        rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
+        ctx.save_for_backward(x, weight, rstd)
+        return (xc * rstd * weight.to(cdtype)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        cdtype = rstd.dtype
+        xhat = x.to(cdtype) * rstd
+        dyw = dy.to(cdtype) * weight.to(cdtype)
+        dx = rstd * (dyw - xhat * (dyw * xhat).mean(-1, keepdim=True))
+        dw = (dy.to(cdtype) * xhat).reshape(-1, x.shape[-1]).sum(0)
+        return dx.to(x.dtype), dw.to(weight.dtype), None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
     """RMS-normalise the last dim of x and scale by weight.
+
+    ``rstd = rsqrt(mean(x^2) + eps)``, ``y = x * rstd * weight``, computed in fp32 for
+    bf16/fp16 input (float64 for float64) and rounded once. Backward (FEATURES.md 34), with
+    ``xhat = x * rstd``: ``dw = sum_rows dy * xhat``, ``dx = rstd (dy w - xhat mean(dy w xhat))``.
+    Saves x and rstd for backward.
 
     Args:
       x: `[..., h]`.
@@ -22,14 +52,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6) -> tor
       eps: added to the mean square.
 
     Returns:
-      `[..., h]` in x's dtype; fp32 statistics and product for bf16/fp16 input.
+      `[..., h]` in x's dtype.
     """
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} must be [{x.shape[-1]}] (x's last dim).")
-    n = (x.shape[-1],)
-    if x.dtype in _LOW:
-        return F.rms_norm(x.float(), n, weight.float(), eps).to(x.dtype)
-    return F.rms_norm(x, n, weight.to(x.dtype), eps)
+    return _RMSNorm.apply(*align_vma(x, weight), eps)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

@@ -45,7 +45,7 @@ class _State:
     def __init__(self, fn, rng: RngSnapshot):
         self.fn = fn
         self.rng = rng
-        self.storage_meta = None  # (storage, offset, size, stride, dtype, nbytes) once discarded
+        self.discarded_bytes = None  # set once the output storage is freed
         self.recomputed = None  # (inputs, output) rebuilt with a graph
 
 
@@ -64,7 +64,7 @@ class _NoOutputCheckpoint(torch.autograd.Function):
     def backward(ctx, grad):
         state = ctx.state
         if state.recomputed is None:
-            if state.storage_meta is not None:
+            if state.discarded_bytes is not None:
                 raise RuntimeError(
                     "checkpoint_without_output: the output was discarded but never recomputed; the"
                     " tensor passed as discard(until=...) must lie after the output's consumer."
@@ -101,20 +101,22 @@ class RecomputedOutput:
         consumer's output (or any tensor whose gradient arrives before the consumer's backward).
 
         Returns:
-          The bytes freed.
+          The bytes freed (0 when ``value`` needs no gradient: then nothing is freed).
         """
+        if not self.value.requires_grad:
+            return 0  # no backward will need it: autograd saved nothing
         if not isinstance(until, torch.Tensor) or not until.requires_grad:
             raise ValueError(
                 "RecomputedOutput.discard: until must be a tensor that requires grad (the consumer's"
                 " output), so a hook can refill the storage before the consumer's backward."
             )
-        if self._state.storage_meta is not None:
+        if self._state.discarded_bytes is not None:
             raise RuntimeError("RecomputedOutput.discard: already discarded.")
         v = self.value
         node, state = self._node, self._state
         nbytes = discard_storage(v)
         storage_view = v.detach()  # same storage, no graph: refilled in place later
-        state.storage_meta = nbytes
+        state.discarded_bytes = nbytes
 
         def refill(grad):
             if state.recomputed is None:
@@ -156,5 +158,8 @@ def checkpoint_without_output(fn, *inputs: torch.Tensor, generators=()) -> Recom
                 " and bind other arguments with functools.partial."
             )
     state = _State(fn, RngSnapshot.take(devices=[t.device for t in inputs], generators=generators))
-    value = _NoOutputCheckpoint.apply(state, *inputs)
+    # Under shard_map, lift invariant inputs first so their gradients are summed (vma rule).
+    from shardfn.layers.vma_align import align_vma
+
+    value = _NoOutputCheckpoint.apply(state, *align_vma(*inputs))
     return RecomputedOutput(value, value.grad_fn, state)

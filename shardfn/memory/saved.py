@@ -8,8 +8,10 @@ __all__ = ["saved_activation_bytes", "saved_activations"]
 
 
 def _storage_key(t: torch.Tensor):
+    # The StorageImpl's address, not data_ptr: a freed storage's bytes can be handed to a new
+    # tensor while the freed one is still held here, and both must count.
     st = t.untyped_storage()
-    return (t.device.type, t.device.index, st.data_ptr()), st
+    return st._cdata, st
 
 
 def saved_activations(fn, *args, params=None, **kwargs):
@@ -18,17 +20,21 @@ def saved_activations(fn, *args, params=None, **kwargs):
     See ``saved_activation_bytes`` for the rules. Storages are read after fn returns, so one
     freed in the meantime (M1, ``discard_storage``) shows as 0 bytes.
     """
-    excluded = params if params is not None else [
-        t for t in optree.tree_leaves((args, kwargs))
-        if isinstance(t, torch.Tensor) and t.is_leaf and t.requires_grad
-    ]
-    skip = {_storage_key(t)[0] for t in optree.tree_leaves(excluded) if isinstance(t, torch.Tensor)}
+    skip = set()
+    if params is not None:
+        skip = {_storage_key(t)[0] for t in optree.tree_leaves(params) if isinstance(t, torch.Tensor)}
     seen: dict = {}
+
+    def is_param(t):
+        root = t if t._base is None else t._base
+        return root.is_leaf and root.requires_grad
 
     def pack(t):
         if isinstance(t, torch.Tensor):
             key, st = _storage_key(t)
-            if key not in skip and key not in seen:
+            if key in skip or (params is None and is_param(t)):
+                skip.add(key)
+            elif key not in seen:
                 seen[key] = st
         return t
 
@@ -41,14 +47,15 @@ def saved_activation_bytes(fn, *args, params=None, **kwargs) -> int:
     """Bytes autograd saves for the backward of ``fn(*args, **kwargs)``.
 
     Every tensor that autograd saves is counted once per storage (views and repeated saves
-    share bytes), at its storage's size when fn returns. Parameters are excluded: the leaves of
-    ``params`` when given, otherwise every tensor in args/kwargs that is a leaf requiring grad
-    (pass activation inputs without ``requires_grad``, as the output of an earlier layer).
+    share bytes), at its storage's size when fn returns. Parameters are excluded: the storages
+    of ``params`` when given, otherwise every saved leaf tensor requiring grad, or view of one
+    (parameters, closed-over ones included; pass activation inputs without ``requires_grad``,
+    as the output of an earlier layer would be).
 
     Args:
       fn: the function; called once.
       *args: its arguments.
-      params: pytree of tensors not to count (default: leaf tensors requiring grad in args).
+      params: pytree of tensors not to count (default: leaves requiring grad, and their views).
       **kwargs: its keyword arguments.
 
     Returns:

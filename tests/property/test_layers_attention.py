@@ -218,3 +218,28 @@ def test_attention_errors_name_the_argument():
         attention(q, q, q, mask=torch.zeros(4, 4))
     with pytest.raises(ValueError, match="cu_seqlens"):
         varlen_attention(q, q, q, torch.tensor([0, 3]))
+
+
+def test_trainable_bias_gets_its_gradient():
+    """A bias that requires grad takes the explicit path and gets d loss / d bias."""
+    q, k, v = _qkv(1, 5, 2, 2, 4, torch.float64, seed=12)
+    bias = torch.randn(2, 5, 5, dtype=torch.float64, requires_grad=True)
+    out = attention(q, k, v, bias=bias, causal=True)
+    ref, _ = reference(q, k, v, bias=bias, keep=torch.ones(5, 5, dtype=torch.bool).tril())
+    w = torch.randn_like(ref)
+    (g,) = torch.autograd.grad((out * w).sum(), (bias,))
+    (r,) = torch.autograd.grad((ref * w).sum(), (bias,))
+    torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("fn", [attention, explicit_attention])
+def test_row_keeping_no_key_gives_zero_and_minus_inf(fn):
+    q, k, v = _qkv(1, 4, 2, 2, 4, torch.float32, seed=13)
+    keep = torch.ones(4, 4, dtype=torch.bool)
+    keep[1] = False
+    out, lse = fn(q, k, v, mask=keep, return_lse=True)
+    assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1])) and torch.isneginf(lse[0, :, 1]).all()
+    ref, ref_lse = reference(q, k, v, keep=keep)
+    rows = [0, 2, 3]
+    torch.testing.assert_close(out[:, rows].double(), ref[:, rows], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse[..., rows].double(), ref_lse[..., rows], atol=2e-5, rtol=2e-5)
