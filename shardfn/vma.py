@@ -64,10 +64,20 @@ class VmaMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
-        if self.ctx.suspended or func in _AUTOGRAD_ENTRIES:
-            # autograd.grad / backward are not ops on values: lifting their outputs would pvary the
-            # loss and sum its cotangent over the axes (gradients taken inside the program double)
+        if self.ctx.suspended:
             return func(*args, **kwargs)
+        if func in _AUTOGRAD_ENTRIES:
+            # autograd.grad / backward are not ops on values: lifting their arguments would pvary the
+            # loss and sum its cotangent over the axes (gradients taken inside the program doubled).
+            # A gradient has the vma type of the input it is taken with respect to (as in JAX).
+            out = func(*args, **kwargs)
+            if func is torch.autograd.grad:
+                inputs = kwargs["inputs"] if "inputs" in kwargs else args[1]
+                inputs = (inputs,) if isinstance(inputs, _Tensor) else tuple(inputs)
+                for g, x in zip(out, inputs):
+                    if isinstance(g, _Tensor):
+                        setattr(g, _ATTR, getattr(x, _ATTR, EMPTY))
+            return out
         found = []
         for a in args:
             if isinstance(a, _Tensor):
