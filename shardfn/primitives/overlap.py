@@ -7,6 +7,7 @@ streams; on CPU the same calls run in the same order, so order and numbers are w
     all_gather_matmul      AG -> MM   (column linear under SP; MC2's all_gather_base_mm)
     matmul_reduce_scatter  MM -> RS   (row linear under SP; MC2's mm_reduce_scatter_base)
     matmul_all_reduce      MM -> AR   (row linear under TP)
+    ring_all_gather_matmul AG -> MM as t ppermute steps (TP-2D's overlap-ag-with-matmul)
 
 Issue order for k chunks is ``C_0, M_0, C_1, M_1, ...`` for AG -> MM (each chunk's gather precedes
 its matmul) and ``M_0, C_0, M_1, C_1, ...`` for MM -> RS / AR. Chunk j of an all-gather collects
@@ -21,9 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from shardfn.primitives.collectives import all_gather, axis_size, psum, psum_scatter
+from shardfn.primitives.collectives import all_gather, axis_index, axis_size, ppermute, psum, psum_scatter
 
-__all__ = ["all_gather_matmul", "matmul_reduce_scatter", "matmul_all_reduce"]
+__all__ = ["all_gather_matmul", "ring_all_gather_matmul", "matmul_reduce_scatter", "matmul_all_reduce"]
 
 
 def _check(api, x, weight, dim, num_chunks, divisor):
@@ -83,6 +84,36 @@ def all_gather_matmul(x, weight, axis_name, *, dim: int = 1, num_chunks: int = 1
 
     y = shuffle(ys)
     return (y, shuffle(gs)) if return_gathered else y
+
+
+def ring_all_gather_matmul(x, weight, axis_name, *, dim: int = 1):
+    """All-gather + matmul as a ring (MindSpeed's ``--enable-overlap-ag-with-matmul``, FEATURES.md 7).
+
+    In t steps each device multiplies the block it holds while passing it to its ring neighbour
+    (``ppermute`` by +1), so every send overlaps a matmul; the t products are placed in rank order.
+
+    Args:
+        x: this device's rows ``[..., m, ..., in]`` (m along ``dim``).
+        weight: ``[out, in]``.
+        axis_name: the ring axis (t devices).
+        dim: the row dim of x.
+
+    Returns:
+        ``[..., t*m, ..., out]``, varying over ``axis_name``; equal bitwise to ``all_gather(x) @ W^T``
+        (each block's product is the same matmul). Bytes per device: ``(t - 1)`` blocks, as the
+        all-gather. Transpose: the ring in reverse (ppermute by -1), accumulating dX.
+    """
+    d = _check("ring_all_gather_matmul", x, weight, dim, 1, 1)
+    t = axis_size(axis_name)
+    r = int(axis_index(axis_name))
+    ring = [(i, (i + 1) % t) for i in range(t)]
+    blocks = [None] * t
+    held = x
+    for step in range(t):
+        blocks[(r - step) % t] = F.linear(held, weight)  # the block that started on device r - step
+        if step < t - 1:
+            held = ppermute(held, axis_name, ring)
+    return torch.cat(blocks, dim=d)
 
 
 def matmul_reduce_scatter(x, weight, axis_name, *, dim: int = 1, num_chunks: int = 1):

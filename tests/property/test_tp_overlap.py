@@ -12,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 
 from shardfn import P, context, debug, shard_map
 from shardfn.layers.tensor_parallel import column_parallel_linear, row_parallel_linear
-from shardfn.primitives.overlap import all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter
+from shardfn.primitives.overlap import all_gather_matmul, matmul_all_reduce, matmul_reduce_scatter, ring_all_gather_matmul
 from shardfn.testing import assert_equivalent, cached_mesh
 
 D64 = torch.float64
@@ -137,3 +137,27 @@ def test_chunks_must_divide_rows():
     with pytest.raises(ValueError, match="needs sequence_dim"):
         shard_map(lambda x, w: column_parallel_linear({"weight": w}, x, num_chunks=2), mesh=mesh,
                   in_specs=(P(), P("tp")), out_specs=P(None, None, "tp"))(x, torch.randn(4, 6, dtype=D64))
+
+
+@pytest.mark.parametrize("tp", [2, 3, 4])
+def test_ring_all_gather_matmul_equals_all_gather_matmul(tp):
+    mesh = cached_mesh((tp,), ("tp",))
+    x, w = _data(tp, 2, seed=tp)
+    w_col = w[:, : x.shape[-1]]
+
+    def run(fn):
+        return shard_map(lambda x, w: fn(x, w, "tp", dim=1), mesh=mesh, in_specs=(P(None, "tp"), P()),
+                         out_specs=P(None, None, "tp"))
+
+    with debug.count_comms() as log:
+        ring = run(ring_all_gather_matmul)(x, w_col)
+    # 1e-12, not bitwise: a block's GEMM may round its last bit differently from the full GEMM
+    # (CPU BLAS blocking depends on the row count); the concatenation itself moves values exactly
+    torch.testing.assert_close(ring, run(all_gather_matmul)(x, w_col), rtol=1e-12, atol=1e-12)
+    local_bytes = x[:, : x.shape[1] // tp].numel() * 8
+    assert log.bytes_sent(0) == (tp - 1) * local_bytes  # the all-gather's bytes, as t - 1 ring sends
+
+    def ref_fn(x, w):  # every device's copy of the full product, side by side
+        return torch.cat([F.linear(x, w)] * tp, dim=-1)
+
+    assert_equivalent(run(ring_all_gather_matmul), ref_fn, x, w_col)
