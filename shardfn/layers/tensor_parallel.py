@@ -13,10 +13,17 @@ exit for an all-gather and a reduce-scatter on the sequence. The gradient of a r
 applied to sequence shards (norms, the row bias) comes out summed over tp because, with
 check_vma=True, shard_map lifts the weight with pvary where it meets the tp-varying activation.
 
+SP convention (PERF.md 2.2): by default autograd keeps the gathered input of a column linear for
+its weight gradient (the paper's 8(t-1)/t * bsh per layer); ``keep_gathered_input=False`` keeps
+only the local block and all-gathers it again in backward (Megatron-core's 10(t-1)/t with a fused
+QKV, 1/t of the input memory).
+
 Unaligned shapes (FEATURES.md 57): a local weight may hold any number of output rows (or input
 columns); `gather_output` with ``out_features`` and the SP collectives with ``sequence_length`` use
 the gloo-safe pad-and-trim collectives, so 1026 features or sequence positions over 4 devices work.
-Bring uneven weights in with ``pad_blocks`` outside shard_map and ``trim_block`` inside.
+Bring uneven weights in with ``pad_blocks`` outside shard_map and ``trim_block`` inside; for
+attention, `unaligned_attention_layout` / `unaligned_attention_specs` / `unaligned_attention_local`
+split the kv groups (with their query heads) by ``tensor_split`` sizes (25 heads over 4: 7, 6, 6, 6).
 """
 from __future__ import annotations
 
