@@ -23,6 +23,9 @@ _ATTR = "_shardfn_vma"
 _Tensor = torch.Tensor
 
 
+_AUTOGRAD_ENTRIES = frozenset({torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward})
+
+
 def vma_of(x) -> frozenset:
     """The mesh axes local tensor `x` may vary over (empty for invariant values and non-tensors)."""
     return getattr(x, _ATTR, EMPTY) if isinstance(x, _Tensor) else EMPTY
@@ -63,6 +66,18 @@ class VmaMode(TorchFunctionMode):
             kwargs = {}
         if self.ctx.suspended:
             return func(*args, **kwargs)
+        if func in _AUTOGRAD_ENTRIES:
+            # autograd.grad / backward are not ops on values: lifting their arguments would pvary the
+            # loss and sum its cotangent over the axes (gradients taken inside the program doubled).
+            # A gradient has the vma type of the input it is taken with respect to (as in JAX).
+            out = func(*args, **kwargs)
+            if func is torch.autograd.grad:
+                inputs = kwargs["inputs"] if "inputs" in kwargs else args[1]
+                inputs = (inputs,) if isinstance(inputs, _Tensor) else tuple(inputs)
+                for g, x in zip(out, inputs):
+                    if isinstance(g, _Tensor):
+                        setattr(g, _ATTR, getattr(x, _ATTR, EMPTY))
+            return out
         found = []
         for a in args:
             if isinstance(a, _Tensor):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from shardfn.layers.masks import CompressedCausal, causal_mask
+from shardfn.layers.vma_align import align_vma
 
 __all__ = ["attention", "explicit_attention", "varlen_attention"]
 
@@ -227,6 +228,7 @@ def attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None, dropou
         return rearrange(out, "b h s d -> b s h d")
     if add is not None and add.dim() != 2:
         add = add.reshape((1,) * (4 - add.dim()) + tuple(add.shape)).expand(b, h, s_q, s_k)
+    qh, kh, vh = align_vma(qh, kh, vh)
     out, lse = _FlashCpu.apply(qh, kh, vh, add, kernel_causal, scale_)
     if return_lse and add is not None:
         # The kernel reports lse 0 for a row that keeps no key; -inf is what a merge needs.

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from shardfn.layers.vma_align import align_vma
+
 __all__ = ["rms_norm", "layer_norm", "init", "apply"]
 
 class _RMSNorm(torch.autograd.Function):
@@ -54,7 +56,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6) -> tor
     """
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} must be [{x.shape[-1]}] (x's last dim).")
-    return _RMSNorm.apply(x, weight, eps)
+    return _RMSNorm.apply(*align_vma(x, weight), eps)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

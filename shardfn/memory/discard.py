@@ -158,5 +158,8 @@ def checkpoint_without_output(fn, *inputs: torch.Tensor, generators=()) -> Recom
                 " and bind other arguments with functools.partial."
             )
     state = _State(fn, RngSnapshot.take(devices=[t.device for t in inputs], generators=generators))
-    value = _NoOutputCheckpoint.apply(state, *inputs)
+    # Under shard_map, lift invariant inputs first so their gradients are summed (vma rule).
+    from shardfn.layers.vma_align import align_vma
+
+    value = _NoOutputCheckpoint.apply(state, *align_vma(*inputs))
     return RecomputedOutput(value, value.grad_fn, state)
