@@ -1,0 +1,327 @@
+"""shard_map: run a per-device program over a mesh, splitting and joining values by spec.
+
+Semantics follow jax.shard_map. Specs are pytree prefixes of the arguments and of the result (a P
+or None applies to everything below it); non-tensor leaves pass through unsplit. On the sim
+backend the mapped function takes and returns global plain tensors and is itself an autograd
+function: its forward runs every device's program on the mesh's threads and its backward runs
+every device's local backward there too, so collectives issued by transposes meet correctly. On
+the dist backend it takes plain tensors (the same global value on every rank) or DTensors and
+returns DTensors.
+"""
+from __future__ import annotations
+
+import functools
+from contextlib import nullcontext
+
+import torch
+
+from shardfn import context, debug
+from shardfn.mesh import Mesh, current_mesh
+from shardfn.spec import P, check_spec, entry_axes, join_blocks, local_block, spec_axes
+from shardfn.tree import broadcast_prefix, flatten, flatten_with_paths, format_path, unflatten
+from shardfn.vma import VmaMode, set_vma, vma_of
+
+__all__ = ["shard_map"]
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, P)
+
+
+def shard_map(f, *, mesh: Mesh | None = None, in_specs, out_specs, check_vma: bool = True):
+    """Map a per-device program `f` over `mesh`.
+
+    Args:
+        f: the per-device program, a function of local values (pytrees of tensors).
+        mesh: the mesh; None uses the mesh entered with `with mesh:`.
+        in_specs: a pytree prefix of the argument tuple with P (or None = replicated) leaves.
+        out_specs: a pytree prefix of f's result with P (or None) leaves. An output must not vary
+            over an axis its spec leaves unnamed (checked when check_vma=True).
+        check_vma: track varying mesh axes, insert pvary automatically and check out_specs.
+            With False there is no tracking cost, `pvary` is placed by hand, and an output whose
+            spec leaves an axis unnamed is taken from the device with index 0 on that axis.
+
+    Returns:
+        A function of global values with the same signature as `f`.
+
+    Example:
+        >>> mesh = make_mesh((2, 4), ("dp", "tp"), backend="sim")
+        >>> def step(x, w):                        # x: [b/dp, h], w: [h, f/tp]
+        ...     return psum((x @ w).sum(), ("dp", "tp"))
+        >>> shard_map(step, mesh=mesh, in_specs=(P("dp"), P(None, "tp")), out_specs=P())(x, w)
+    """
+    if not callable(f):
+        raise TypeError(f"shard_map: f must be callable; got {type(f).__name__}.")
+    if not isinstance(check_vma, bool):
+        raise TypeError(f"shard_map: check_vma must be a bool; got {check_vma!r}.")
+
+    plans: dict = {}
+
+    @functools.wraps(f)
+    def mapped(*args):
+        m = mesh if mesh is not None else current_mesh()
+        if m is None:
+            raise ValueError(
+                "shard_map: no mesh. Pass mesh=make_mesh(...) or call the mapped function inside `with mesh:`."
+            )
+        if not isinstance(m, Mesh):
+            raise TypeError(f"shard_map: mesh must be a shardfn Mesh (from make_mesh); got {type(m).__name__}.")
+        leaves, treespec = flatten(args)
+        key = (id(m), treespec, tuple(x.shape if isinstance(x, torch.Tensor) else type(x) for x in leaves))
+        plan = plans.get(key)
+        if plan is None:
+            plan = plans[key] = _Plan(f, m, args, in_specs, out_specs, check_vma)
+        call = _Call(plan, leaves, args)
+        if m.backend == "sim":
+            return call.run_sim()
+        return call.run_dist()
+
+    return mapped
+
+
+def _check_spec_leaves(specs, paths, root):
+    bad = [format_path(root, p) + f" = {s!r}" for p, s in zip(paths, specs) if s is not None and not isinstance(s, P)]
+    if bad:
+        raise TypeError(
+            f"shard_map: every {root} leaf must be P(...) or None; got " + "; ".join(bad)
+            + ". Write P('dp') rather than 'dp', and P() or None for replicated."
+        )
+
+
+class _Plan:
+    """What does not change between calls with the same argument structure and shapes."""
+
+    def __init__(self, f, mesh, args, in_specs, out_specs, check_vma):
+        self.f = f
+        self.mesh = mesh
+        self.check_vma = check_vma
+        self.out_specs = out_specs
+        self.track = check_vma and mesh.size > 1
+        spec_paths, spec_leaves, _ = flatten_with_paths(in_specs, is_leaf=_is_spec)
+        _check_spec_leaves(spec_leaves, spec_paths, "in_specs")
+        paths, leaves, self.treespec = flatten_with_paths(args)
+        specs = broadcast_prefix(in_specs, args, is_leaf=_is_spec, what="in_specs")
+        problems = []
+        for path, leaf, spec in zip(paths, leaves, specs):
+            where = format_path("in_specs", path)
+            if isinstance(leaf, torch.Tensor):
+                problems += check_spec(spec, tuple(leaf.shape), mesh, where)
+            elif spec is not None and spec_axes(spec):
+                problems.append(
+                    f"{where} = {spec!r} splits a non-tensor argument ({type(leaf).__name__}); only tensors "
+                    f"can be split. Use None for it."
+                )
+        if problems:
+            raise ValueError("shard_map: bad in_specs:\n  " + "\n  ".join(problems))
+        self.specs = specs
+        self.spec_axes = [spec_axes(sp) for sp in specs]
+        self.tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+        self.outs = {}
+
+    def out_plan(self, out):
+        """(paths, leaf specs, treespec) of an output structure, checked once per structure and shapes."""
+        paths, leaves, treespec = flatten_with_paths(out)
+        key = (treespec, tuple(x.shape if isinstance(x, torch.Tensor) else None for x in leaves))
+        found = self.outs.get(key)
+        if found is None:
+            spec_paths, spec_leaves, _ = flatten_with_paths(self.out_specs, is_leaf=_is_spec)
+            _check_spec_leaves(spec_leaves, spec_paths, "out_specs")
+            leaf_specs = broadcast_prefix(self.out_specs, out, is_leaf=_is_spec, what="out_specs")
+            problems = []
+            for path, leaf, spec in zip(paths, leaves, leaf_specs):
+                if isinstance(leaf, torch.Tensor):
+                    problems += check_spec(spec, tuple(leaf.shape), self.mesh, format_path("out_specs", path), allow_uneven=True)
+            if problems:
+                raise ValueError("shard_map: bad outputs:\n  " + "\n  ".join(problems))
+            found = self.outs[key] = (paths, leaf_specs, treespec, [set(spec_axes(sp)) for sp in leaf_specs])
+        return leaves, found
+
+
+class _Call:
+    """One call of a mapped function: its leaves and the per-device state between forward and backward."""
+
+    def __init__(self, plan, leaves, args):
+        self.plan = plan
+        self.args = args
+        self.f = plan.f
+        self.mesh = plan.mesh
+        self.check_vma = plan.check_vma
+        self.treespec = plan.treespec
+        self.specs = plan.specs
+        self.tensor_pos = plan.tensor_pos
+        self.leaves = leaves
+        self.out_treespec = None
+        self.out_leaf_specs = None
+
+    # ---- per-device program --------------------------------------------------------------------
+    def _local_args(self, ctx, grad):
+        leaves = list(self.leaves)
+        locals_ = []
+        for i in self.tensor_pos:
+            x, spec = leaves[i], self.specs[i]
+            blk = local_block(x, spec, ctx.coords, self.mesh)
+            if grad:
+                blk = blk.detach().requires_grad_(x.requires_grad)
+            elif self.mesh.backend == "sim" and blk is x:
+                blk = x.detach()
+            if self.plan.track:
+                set_vma(blk, self.plan.spec_axes[i])
+            leaves[i] = blk
+            locals_.append(blk)
+        return unflatten(self.treespec, leaves), locals_
+
+    def _call_f(self, ctx, args):
+        mode = VmaMode(ctx) if self.plan.track else nullcontext()
+        with mode:
+            return self.f(*args)
+
+    def _flatten_out(self, out):
+        leaves, (paths, leaf_specs, treespec, named) = self.plan.out_plan(out)
+        self.out_paths, self.out_leaf_specs, self.out_treespec, self._named = paths, leaf_specs, treespec, named
+        return leaves
+
+    def _check_outputs(self, leaves):
+        if not self.plan.track:
+            return
+        problems = []
+        for path, leaf, spec, named in zip(self.out_paths, leaves, self.out_leaf_specs, self._named):
+            if not isinstance(leaf, torch.Tensor):
+                continue
+            for axis in sorted(vma_of(leaf) - named):
+                problems.append(
+                    f"output {format_path('out', path)} varies over mesh axis {axis!r}, but its spec {spec!r} "
+                    f"does not name {axis!r}. Reduce it first (psum or pmean over {axis!r}), or name {axis!r} "
+                    f"in the out_spec to keep the per-device values (e.g. P({axis!r}, ...)), or pass "
+                    f"check_vma=False to take device 0's value."
+                )
+        if problems:
+            raise ValueError("shard_map: bad outputs:\n  " + "\n  ".join(problems))
+
+    def _join(self, per_device_leaves, coords):
+        out = []
+        for k, spec in enumerate(self.out_leaf_specs):
+            first = per_device_leaves[0][k]
+            if not isinstance(first, torch.Tensor):
+                out.append(first)
+                continue
+            blocks = [leaves[k].detach() for leaves in per_device_leaves]
+            out.append(join_blocks(blocks, coords, spec, self.mesh))
+        return out
+
+    # ---- sim backend ---------------------------------------------------------------------------
+    def run_sim(self):
+        tensors = [self.leaves[i] for i in self.tensor_pos]
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        if self.mesh.size == 1:
+            return self._run_inline(grad)
+        if grad:
+            flat = _SimShardMap.apply(self, *tensors)
+        else:
+            flat = self._sim_forward(grad=False)
+        return self._rebuild(flat)
+
+    def _rebuild(self, flat_tensors):
+        it = iter(flat_tensors)
+        leaves = [next(it) if isinstance(x, torch.Tensor) else x for x in self._template]
+        return unflatten(self.out_treespec, leaves)
+
+    def _run_inline(self, grad):
+        """One device: run in the caller's thread; autograd flows through directly."""
+        ctx = self.mesh.runtime.inline_context(self.check_vma)
+        with context.use(ctx):
+            out = self.f(*self.args)
+        self._flatten_out(out)
+        return out
+
+    def _sim_forward(self, grad):
+        def device(ctx):
+            with torch.set_grad_enabled(grad):
+                args, locals_ = self._local_args(ctx, grad)
+                out = self._call_f(ctx, args)
+            return locals_, out
+
+        results = self.mesh.runtime.run(device, check_vma=self.check_vma, recorders=debug.active_logs())
+        per_device = [self._flatten_out(out) for _, out in results]
+        self._check_outputs(per_device[0])
+        self._locals = [loc for loc, _ in results]
+        self._outs = per_device
+        self._template = per_device[0]
+        coords = [self.mesh.coords_of(d) for d in range(self.mesh.size)]
+        joined = self._join(per_device, coords)
+        return [x for x in joined if isinstance(x, torch.Tensor)]
+
+    def _sim_backward(self, grads):
+        tensor_out = [k for k, x in enumerate(self._template) if isinstance(x, torch.Tensor)]
+        out_specs = [self.out_leaf_specs[k] for k in tensor_out]
+
+        def device(ctx):
+            outs = self._outs[ctx.index]
+            pairs = []
+            for j, k in enumerate(tensor_out):
+                g, o = grads[j], outs[k]
+                if g is None or not o.requires_grad:
+                    continue
+                pairs.append((o, local_block(g, out_specs[j], ctx.coords, self.mesh)))
+            inputs = [t for t in self._locals[ctx.index] if t.requires_grad]
+            if not pairs or not inputs:
+                return [None] * len(inputs)
+            with torch.enable_grad():
+                return torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
+
+        results = self.mesh.runtime.run(device, check_vma=self.check_vma, recorders=debug.active_logs())
+        coords = [self.mesh.coords_of(d) for d in range(self.mesh.size)]
+        in_grads = []
+        rg = [i for i in range(len(self.tensor_pos)) if self.leaves[self.tensor_pos[i]].requires_grad]
+        slot = {i: n for n, i in enumerate(rg)}
+        for i, pos in enumerate(self.tensor_pos):
+            if i not in slot:
+                in_grads.append(None)
+                continue
+            blocks = []
+            for d in range(self.mesh.size):
+                g = results[d][slot[i]]
+                blocks.append(g if g is not None else torch.zeros_like(self._locals[d][i]))
+            in_grads.append(join_blocks(blocks, coords, self.specs[pos], self.mesh))
+        self._locals = self._outs = None
+        return in_grads
+
+    # ---- dist backend --------------------------------------------------------------------------
+    def run_dist(self):
+        from shardfn.backends.dist import from_local_output, to_local_input
+
+        runtime = self.mesh.runtime
+        ctx = context.DeviceContext(self.mesh, runtime.rank_index, runtime.comm, check_vma=self.check_vma, recorders=None)
+        leaves = list(self.leaves)
+        for i in self.tensor_pos:
+            blk = to_local_input(leaves[i], self.specs[i], ctx)
+            if self.plan.track:
+                if blk is leaves[i]:
+                    blk = blk.view_as(blk)
+                set_vma(blk, self.plan.spec_axes[i])
+            leaves[i] = blk
+        with context.use(ctx):
+            out = self._call_f(ctx, unflatten(self.treespec, leaves))
+        out_leaves = self._flatten_out(out)
+        self._check_outputs(out_leaves)
+        joined = [
+            from_local_output(x, spec, ctx) if isinstance(x, torch.Tensor) else x
+            for x, spec in zip(out_leaves, self.out_leaf_specs)
+        ]
+        return unflatten(self.out_treespec, joined)
+
+
+class _SimShardMap(torch.autograd.Function):
+    """shard_map on the sim backend as one autograd node: per-device forwards and backwards on threads."""
+
+    @staticmethod
+    def forward(ctx, call, *tensors):
+        ctx.call = call
+        flat = call._sim_forward(grad=True)
+        non_diff = [t for t in flat if not (t.is_floating_point() or t.is_complex())]
+        if non_diff:
+            ctx.mark_non_differentiable(*non_diff)
+        return tuple(flat)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *ctx.call._sim_backward(grads))
