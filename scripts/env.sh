@@ -9,7 +9,10 @@ if [ ! -x "$_venv/bin/python" ]; then
 fi
 _stamp="$_venv/.shardfn-reqs"
 if ! cmp -s "$_reqs" "$_stamp"; then
-  "$_venv/bin/python" -m pip install -q --disable-pip-version-check -r "$_reqs"
+  _links=()
+  # this machine class keeps the CPU torch wheel on disk; point pip at it explicitly
+  [ -d /opt/wheels ] && _links=(--find-links /opt/wheels)
+  "$_venv/bin/python" -m pip install -q --disable-pip-version-check "${_links[@]}" -r "$_reqs"
   cp "$_reqs" "$_stamp"
 fi
 export PATH="$_venv/bin:$PATH"

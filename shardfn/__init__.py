@@ -24,6 +24,9 @@ from shardfn.shard_map import shard_map
 from shardfn.spec import P
 from shardfn.vma import vma_of
 
+from shardfn import npu  # noqa: E402  (after the collectives: npu.mc2 builds on them)
+from shardfn import schedules  # noqa: E402
+
 __all__ = [
     "Mesh",
     "make_mesh",
@@ -44,6 +47,8 @@ __all__ = [
     "axis_size",
     "vma_of",
     "debug",
+    "npu",
+    "schedules",
     "CollectiveMismatchError",
     "DeadlockError",
     "MeshTimeoutError",

@@ -147,7 +147,7 @@ def make_mesh(
     return _make_dist_mesh(axis_shapes, axis_names, device_type, timeout)
 
 
-def _make_dist_mesh(axis_shapes, axis_names, device_type, timeout) -> Mesh:
+def _make_dist_mesh(axis_shapes, axis_names, device_type, timeout, backend_override=None) -> Mesh:
     from torch.distributed.device_mesh import init_device_mesh
 
     dist = torch.distributed
@@ -165,5 +165,14 @@ def _make_dist_mesh(axis_shapes, axis_names, device_type, timeout) -> Mesh:
         )
     if device_type is None:
         device_type = _DEVICE_FOR_PG_BACKEND.get(str(dist.get_backend()), "cpu")
-    device_mesh = init_device_mesh(device_type, axis_shapes, mesh_dim_names=axis_names)
+    if device_type == "npu":
+        from shardfn.npu import torch_npu_module
+
+        if torch_npu_module() is None:
+            raise ValueError(
+                "make_mesh: device_type='npu' needs torch_npu (pip install torch_npu on an Ascend host); "
+                "use device_type='cpu' or 'cuda' elsewhere."
+            )
+    kwargs = {"backend_override": backend_override} if backend_override else {}
+    device_mesh = init_device_mesh(device_type, axis_shapes, mesh_dim_names=axis_names, **kwargs)
     return Mesh(axis_shapes, axis_names, backend="dist", device_type=device_type, timeout=timeout, device_mesh=device_mesh)

@@ -84,6 +84,19 @@ class _Run:
         self.blocked = {}
         self.results = [None] * n
         self.done = 0
+        self.gate = runtime.gate
+        self.holding = [False] * n
+
+    # ---- the run gate: at most `max_running` device threads compute at once -------------------
+    def enter_gate(self, dev):
+        if self.gate is not None and not self.holding[dev]:
+            self.gate.acquire()
+            self.holding[dev] = True
+
+    def leave_gate(self, dev):
+        if self.holding[dev]:
+            self.holding[dev] = False
+            self.gate.release()
 
     # ---- failure handling (lock held) ------------------------------------------------------
     def _abort(self, err, device=None):
@@ -113,6 +126,7 @@ class _Run:
     def _wait(self, dev, describe, progress, done, cond):
         """Block `dev` on `cond` until done(); progress() says whether it is no longer stuck."""
         self.blocked[dev] = (describe, progress, cond)
+        self.leave_gate(dev)
         try:
             self._check_deadlock()
             deadline = time.monotonic() + self.mesh.timeout
@@ -230,6 +244,7 @@ class _Run:
     def execute(self, dev, fn):
         ctx = context.DeviceContext(self.mesh, dev, SimComm(self, dev), check_vma=self.check_vma, recorders=self.recorders)
         try:
+            self.enter_gate(dev)
             with context.use(ctx):
                 result = fn(ctx)
         except _Aborted:
@@ -240,6 +255,7 @@ class _Run:
         else:
             self.results[dev] = result
         finally:
+            self.leave_gate(dev)
             with self.cond:
                 self.live.discard(dev)
                 self.done += 1
@@ -256,6 +272,11 @@ class SimComm:
         self.run = run
         self.dev = dev
 
+    def _go(self, axes, sig, compute):
+        out = self.run.collective(self.dev, axes, sig, compute)
+        self.run.enter_gate(self.dev)
+        return out
+
     def all_reduce(self, x, axes, op):
         def compute(payloads):
             acc = payloads[0].clone()
@@ -268,14 +289,14 @@ class SimComm:
                     torch.minimum(acc, p, out=acc)
             return [acc] + [acc.clone() for _ in payloads[1:]]
 
-        return self.run.collective(self.dev, axes, ("p" + op, axes, x.shape, x.dtype, "", x), compute)
+        return self._go(axes, ("p" + op, axes, x.shape, x.dtype, "", x), compute)
 
     def all_gather(self, x, axes, dim):
         def compute(payloads):
             full = torch.cat(payloads, dim)
             return [full] + [full.clone() for _ in payloads[1:]]
 
-        return self.run.collective(self.dev, axes, ("all_gather", axes, x.shape, x.dtype, f"dim={dim}", x), compute)
+        return self._go(axes, ("all_gather", axes, x.shape, x.dtype, f"dim={dim}", x), compute)
 
     def reduce_scatter(self, x, axes, dim):
         def compute(payloads):
@@ -289,7 +310,7 @@ class SimComm:
                 out.append(acc)
             return out
 
-        return self.run.collective(self.dev, axes, ("psum_scatter", axes, x.shape, x.dtype, f"dim={dim}", x), compute)
+        return self._go(axes, ("psum_scatter", axes, x.shape, x.dtype, f"dim={dim}", x), compute)
 
     def all_to_all(self, x, axes, split_dim, concat_dim):
         def compute(payloads):
@@ -298,7 +319,7 @@ class SimComm:
             return [torch.cat([c[i] for c in chunks], concat_dim) for i in range(n)]
 
         extra = f"split_dim={split_dim} concat_dim={concat_dim}"
-        return self.run.collective(self.dev, axes, ("all_to_all", axes, x.shape, x.dtype, extra, x), compute)
+        return self._go(axes, ("all_to_all", axes, x.shape, x.dtype, extra, x), compute)
 
     def permute(self, x, axes, perm):
         def compute(payloads):
@@ -307,10 +328,12 @@ class SimComm:
                 out[dst] = payloads[src].clone()
             return [o if o is not None else torch.zeros_like(payloads[i]) for i, o in enumerate(out)]
 
-        return self.run.collective(self.dev, axes, ("ppermute", axes, x.shape, x.dtype, f"perm={list(perm)}", x), compute)
+        return self._go(axes, ("ppermute", axes, x.shape, x.dtype, f"perm={list(perm)}", x), compute)
 
     def p2p(self, axes, sends, recvs):
-        return self.run.p2p(self.dev, axes, sends, recvs)
+        out = self.run.p2p(self.dev, axes, sends, recvs)
+        self.run.enter_gate(self.dev)
+        return out
 
 
 class _Worker:
@@ -342,7 +365,28 @@ class SimRuntime:
         self._inline = {}
         self._workers = None
         self._lock = threading.Lock()
-        self.threads_per_device = max(1, (os.cpu_count() or 1) // mesh.size)
+        cores = os.cpu_count() or 1
+        self.threads_per_device = max(1, cores // mesh.size)
+        # Oversubscribing the cores with device threads costs more in switches than it gains; a
+        # device waiting in a collective gives its place to another, so this cannot deadlock.
+        self.gate = None
+        self.max_running = cores
+
+    @property
+    def max_running(self) -> int:
+        """How many device threads may compute at once (default: the machine's cores).
+
+        Raise it to the mesh size for programs whose devices mostly sleep or wait on I/O (e.g.
+        a pipeline benchmark with sleep-based stages), so that they overlap as real devices would.
+        """
+        return self._max_running
+
+    @max_running.setter
+    def max_running(self, value: int) -> None:
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"SimRuntime.max_running must be a positive int; got {value!r}.")
+        self._max_running = value
+        self.gate = threading.Semaphore(value) if value < self.mesh.size else None
 
     def inline_context(self, check_vma):
         """The reusable device context of a 1-device mesh, whose programs run in the caller's thread."""

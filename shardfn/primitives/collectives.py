@@ -13,8 +13,6 @@ function whose backward is the transpose (DESIGN.md section 3):
 from __future__ import annotations
 
 import math
-from fractions import Fraction
-
 import torch
 
 from shardfn import context, debug
@@ -90,6 +88,9 @@ def _live(dc):
 
 
 def _leafwise(api, fn, x):
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+
     def one(t):
         if isinstance(t, torch.Tensor):
             return fn(t)
@@ -125,7 +126,7 @@ def _all_reduce(dc, phase, name, x, axes, op):
     n = _size(ctx, axes)
     if n == 1:
         return x.clone()
-    debug.record(ctx, name, axes, Fraction(2 * (n - 1) * _nbytes(x), n), phase)
+    debug.record(ctx, name, axes, 2 * (n - 1) * _nbytes(x), phase, n)
     return ctx.comm.all_reduce(x.detach(), axes, op)
 
 
@@ -143,7 +144,7 @@ def _reduce_scatter(dc, phase, x, axes, dim):
     n = _size(ctx, axes)
     if n == 1:
         return x.clone()
-    debug.record(ctx, "psum_scatter", axes, Fraction((n - 1) * _nbytes(x), n), phase)
+    debug.record(ctx, "psum_scatter", axes, (n - 1) * _nbytes(x), phase, n)
     return ctx.comm.reduce_scatter(x.detach(), axes, dim)
 
 
@@ -152,7 +153,7 @@ def _all_to_all(dc, phase, x, axes, split_dim, concat_dim):
     n = _size(ctx, axes)
     if n == 1:
         return x.clone()
-    debug.record(ctx, "all_to_all", axes, Fraction((n - 1) * _nbytes(x), n), phase)
+    debug.record(ctx, "all_to_all", axes, (n - 1) * _nbytes(x), phase, n)
     return ctx.comm.all_to_all(x.detach(), axes, split_dim, concat_dim)
 
 
@@ -268,6 +269,20 @@ class _Ppermute(_Function):
         return _permute(ctx.dc, "backward", g.contiguous(), ctx.axes, inverse), None, None, None
 
 
+class _NoGradCtx:
+    """Stands in for autograd's ctx when no gradient can flow (forward called directly)."""
+
+    def save_for_backward(self, *tensors):
+        pass
+
+
+def _apply(fn, t, *args):
+    """fn.apply when a gradient can flow through `t`, else the bare forward (no autograd node)."""
+    if t.requires_grad and torch.is_grad_enabled():
+        return fn.apply(t, *args)
+    return fn.forward(_NoGradCtx(), t, *args)
+
+
 def _pvary_tensor(t, axes, ctx):
     """pvary one tensor over `axes` (used by the vma mode's automatic lift)."""
     y = _suspended(ctx, _Pvary.apply, t, axes, ctx)
@@ -295,7 +310,7 @@ def psum(x, axis_name):
 
     def one(t):
         t, v = _lift(t, axes, ctx)
-        y = _suspended(ctx, _Psum.apply, t, axes, ctx)
+        y = _suspended(ctx, _apply, _Psum, t, axes, ctx)
         return set_vma(y, v - frozenset(axes)) if ctx.check_vma else y
 
     return _leafwise("psum", one, x)
@@ -308,7 +323,7 @@ def pmean(x, axis_name):
 
     def one(t):
         t, v = _lift(t, axes, ctx)
-        y = _suspended(ctx, _Pmean.apply, t, axes, ctx)
+        y = _suspended(ctx, _apply, _Pmean, t, axes, ctx)
         return set_vma(y, v - frozenset(axes)) if ctx.check_vma else y
 
     return _leafwise("pmean", one, x)
@@ -320,7 +335,7 @@ def _extreme(api, op, x, axis_name):
 
     def one(t):
         t, v = _lift(t, axes, ctx)
-        y = _suspended(ctx, _Pextreme.apply, t, axes, op, ctx)
+        y = _suspended(ctx, _apply, _Pextreme, t, axes, op, ctx)
         return set_vma(y, v - frozenset(axes)) if ctx.check_vma else y
 
     return _leafwise(api, one, x)
@@ -395,10 +410,10 @@ def _gather(api, fn, x, axis_name, dim, tiled):
             src = _suspended(ctx, t.unsqueeze, d)
         if invariant:
             v = vma_of(t)
-            y = _suspended(ctx, fn.apply, src, axes, d, ctx)
+            y = _suspended(ctx, _apply, fn, src, axes, d, ctx)
             return set_vma(y, v - frozenset(axes)) if ctx.check_vma else y
         src, v = _lift(src, axes, ctx)
-        y = _suspended(ctx, fn.apply, src, axes, d, ctx)
+        y = _suspended(ctx, _apply, fn, src, axes, d, ctx)
         return set_vma(y, v | frozenset(axes)) if ctx.check_vma else y
 
     return _leafwise(api, one, x)
@@ -434,7 +449,7 @@ def psum_scatter(x, axis_name, *, dim=0, tiled=False):
                 f"got {t.shape[d]}. Use tiled=True to scatter blocks of a longer dim."
             )
         src, v = _lift(t, axes, ctx)
-        y = _suspended(ctx, _PsumScatter.apply, src, axes, d, ctx)
+        y = _suspended(ctx, _apply, _PsumScatter, src, axes, d, ctx)
         if not tiled:
             y = _suspended(ctx, y.squeeze, d)
         return set_vma(y, v | frozenset(axes)) if ctx.check_vma else y
@@ -471,7 +486,7 @@ def all_to_all(x, axis_name, split_dim, concat_dim, *, tiled=False):
                     f"of {axes}. Pad it to a multiple of {n} (or use the uneven helpers of the feature)."
                 )
             src, v = _lift(t, axes, ctx)
-            y = _suspended(ctx, _AllToAll.apply, src, axes, s, c, ctx)
+            y = _suspended(ctx, _apply, _AllToAll, src, axes, s, c, ctx)
         else:
             c = _dim(concat_dim, t.dim(), "all_to_all", "concat_dim")
             if t.shape[s] != n:
@@ -481,13 +496,13 @@ def all_to_all(x, axis_name, split_dim, concat_dim, *, tiled=False):
                 )
             src, v = _lift(t, axes, ctx)
             if s == c:
-                y = _suspended(ctx, _AllToAll.apply, src, axes, s, c, ctx)
+                y = _suspended(ctx, _apply, _AllToAll, src, axes, s, c, ctx)
             else:
                 # as jax.lax.all_to_all: insert the new axis at concat_dim, exchange, drop split_dim
                 ins = c + 1 if s < c else c
                 s2 = s if s < c else s + 1
                 src = _suspended(ctx, src.unsqueeze, ins)
-                y = _suspended(ctx, _AllToAll.apply, src, axes, s2, ins, ctx)
+                y = _suspended(ctx, _apply, _AllToAll, src, axes, s2, ins, ctx)
                 y = _suspended(ctx, y.squeeze, s2)
         return set_vma(y, v | frozenset(axes)) if ctx.check_vma else y
 
@@ -521,7 +536,7 @@ def ppermute(x, axis_name, perm):
 
     def one(t):
         src, v = _lift(t, axes, ctx)
-        y = _suspended(ctx, _Ppermute.apply, src, axes, perm, ctx)
+        y = _suspended(ctx, _apply, _Ppermute, src, axes, perm, ctx)
         return set_vma(y, v | frozenset(axes)) if ctx.check_vma else y
 
     return _leafwise("ppermute", one, x)

@@ -36,7 +36,7 @@ import attrs
 
 from .actions import Action, Kind
 
-__all__ = ["Event", "provides", "needs", "ready", "producer_rank"]
+__all__ = ["Event", "provides", "needs", "ready", "producer_rank", "peer_stage", "peer_rank"]
 
 
 @attrs.frozen(repr=False)
@@ -136,3 +136,25 @@ def ready(action: Action, done: Container[Event], schedule) -> tuple[Event, ...]
 def producer_rank(event: Event, schedule) -> int:
     """Return the rank whose program provides ``event`` (the rank of its stage)."""
     return schedule.stage_to_rank[event.stage]
+
+
+_PEER_OFFSET = {Kind.SEND_F: 1, Kind.RECV_F: -1, Kind.SEND_B: -1, Kind.RECV_B: 1}
+
+
+def peer_stage(action: Action) -> int:
+    """For a SEND/RECV action, the stage at the other end of the message.
+
+    ``SEND_F(s)`` goes to ``s + 1``, ``RECV_F(s)`` comes from ``s - 1``, ``SEND_B(s)`` goes to
+    ``s - 1`` and ``RECV_B(s)`` comes from ``s + 1``.
+
+    Raises:
+        ValueError: ``action`` is not a communication action.
+    """
+    if action.kind not in _PEER_OFFSET:
+        raise ValueError(f"peer_stage: {action} is not a SEND_F/RECV_F/SEND_B/RECV_B action.")
+    return action.stage + _PEER_OFFSET[action.kind]
+
+
+def peer_rank(action: Action, schedule) -> int:
+    """For a SEND/RECV action, the rank at the other end (the executor's send/recv peer)."""
+    return schedule.stage_to_rank[peer_stage(action)]

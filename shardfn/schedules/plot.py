@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 from .actions import COMPUTE_KINDS, Kind
 from .schedule import Schedule
 from .simulate import Timeline, simulate
 
 __all__ = ["plot", "KIND_COLORS"]
 
-KIND_COLORS = {
+KIND_COLORS = MappingProxyType({
     "F": "#4C72B0",
     "B": "#DD8452",
     "I": "#C44E52",
     "W": "#55A868",
     "F&B": "#8172B3",
     "comm": "#BBBBBB",
-}
+})
 
 
 def plot(schedule_or_timeline: Schedule | Timeline, *, cost=None, latency=0, ax=None, title: str | None = None):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 from numbers import Real
+from types import MappingProxyType
 
 import attrs
 
@@ -20,8 +21,8 @@ from .schedule import Schedule, format
 
 __all__ = ["DeadlockError", "TimedAction", "Timeline", "simulate", "DEFAULT_COST"]
 
-DEFAULT_COST: Mapping[str, Real] = {"F": 1, "B": 2, "I": 1, "W": 1}
-_COST_KEYS = {"F", "B", "I", "W", "F&B", "SEND_F", "RECV_F", "SEND_B", "RECV_B"}
+DEFAULT_COST: Mapping[str, Real] = MappingProxyType({"F": 1, "B": 2, "I": 1, "W": 1})
+_COST_KEYS = frozenset({"F", "B", "I", "W", "F&B", "SEND_F", "RECV_F", "SEND_B", "RECV_B"})
 
 
 class DeadlockError(ValueError):

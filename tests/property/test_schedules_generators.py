@@ -80,7 +80,8 @@ def test_interleaved_closed_form(sizes, f, b):
 def test_interleaved_worked_numbers():
     # PERF.md 1.3, p=4, m=8 with per-chunk costs 1/v: makespan 28.5 (v=2) and 26.25 (v=4).
     t2 = simulate(interleaved_1f1b(4, 8, num_chunks=2), {"F": Fraction(1, 2), "B": 1})
-    assert t2.makespan == Fraction(57, 2) and t2.peak_activations == (Fraction(11, 2), Fraction(9, 2), Fraction(7, 2), Fraction(5, 2))
+    assert t2.makespan == Fraction(57, 2)
+    assert t2.peak_activations == (Fraction(11, 2), Fraction(9, 2), Fraction(7, 2), Fraction(5, 2))
     t4 = simulate(interleaved_1f1b(4, 8, num_chunks=4), {"F": Fraction(1, 4), "B": Fraction(1, 2)})
     assert t4.makespan == Fraction(105, 4) and t4.peak_activations[0] == Fraction(19, 4)
 

@@ -48,7 +48,8 @@ def test_layer_map_matches_brute_force(layout):
     # Even split: the closed-form path (no prefix sums).
     per = 2
     even = [walk[stage] for stage in range(p * v) for _ in range(per)]
-    assert [layer_to_rank_chunk(i, per * p * v, p, num_chunks=v, placement=placement) for i in range(per * p * v)] == even
+    total = per * p * v
+    assert [layer_to_rank_chunk(i, total, p, num_chunks=v, placement=placement) for i in range(total)] == even
     # Stage maps invert each other and agree with torch's own stage -> rank mapping.
     for stage, (rank, chunk) in enumerate(walk):
         assert rank_chunk_of_stage(stage, p, placement) == (rank, chunk)

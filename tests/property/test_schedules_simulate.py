@@ -196,6 +196,12 @@ def test_ready_is_the_shared_rule():
     # A full B provides both gradients; W waits for the input gradient only.
     assert set(deps.provides(Action(1, Kind.B, 0))) == {Event("DX", 1, 0), Event("DW", 1, 0)}
     assert ready(Action(1, Kind.W, 0), {Event("DX", 1, 0)}, plain) == ()
+    # Communication peers, as the executor needs them (V placement: stage 2 of zbv(2) is rank 1).
+    v = add_comms(zbv(2, 2))
+    sends = [a for a in v.programs[1] if a.kind is Kind.SEND_F]
+    assert {(a.stage, deps.peer_stage(a), deps.peer_rank(a, v)) for a in sends} == {(2, 3, 0)}
+    with pytest.raises(ValueError, match="peer_stage"):
+        deps.peer_stage(Action(0, Kind.F, 0))
 
 
 def _edit(schedule, rank, new_program):

@@ -86,3 +86,11 @@ def test_torch_reads_our_strings():
     strings = to_torch_strings(dualpipev(2, 4))
     for rank, program in strings.items():
         assert [str(_Action.from_str(s)) for s in program] == program
+
+
+@pytest.mark.parametrize("p,m", [(2, 4), (3, 7), (4, 9)])
+def test_dualpipev_dw_detach_is_deepseeks_order(p, m):
+    # torch's ScheduleDualPipeV follows DeepSeek's reference; with dw_detach=True our phase
+    # construction (FEATURES.md 52) yields exactly the same per-rank compute order.
+    theirs = torch_schedule("ScheduleDualPipeV", p, m, 2, "v")
+    assert dualpipev(p, m, dw_detach=True).programs == theirs.programs
