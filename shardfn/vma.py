@@ -51,6 +51,11 @@ def _is_inplace(func) -> bool:
     return (name.endswith("_") and not name.endswith("__")) or name in ("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__")
 
 
+# Calls that differentiate rather than compute a value: lifting their tensor arguments would
+# replace the `inputs` of torch.autograd.grad by fresh pvary outputs that are not in the graph.
+_NOT_VALUES = frozenset({torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward})
+
+
 class VmaMode(TorchFunctionMode):
     """Propagates vma sets through every torch op and inserts the automatic pvary."""
 
@@ -61,7 +66,7 @@ class VmaMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
-        if self.ctx.suspended:
+        if self.ctx.suspended or func in _NOT_VALUES:
             return func(*args, **kwargs)
         found = []
         for a in args:
