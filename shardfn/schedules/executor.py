@@ -111,8 +111,11 @@ def run_pipeline(
         the pipeline axis (it still varies over dp if the microbatches do: pmean it).
         ``grads``: a pytree like ``stage_params`` with the gradient of the mean loss for every
         floating leaf (zeros where unused, the leaf's dtype) and None for other leaves. It is this
-        rank's contribution: psum/pmean it over dp yourself, and over the pipeline axis for a
-        parameter that several pipeline ranks share (tied embeddings).
+        rank's contribution, partial over the axes the microbatches are split over (its vma says
+        which): reduce it once with pmean/psum over dp (cp ...) yourself, as Megatron reduces
+        after the pipeline flush, and psum it over the pipeline axis for a parameter that several
+        pipeline ranks share (tied embeddings). Inside, parameters are marked varying over those
+        axes, so no gradient all-reduce runs per microbatch.
 
     Raises:
         ValueError: before any tensor moves, when the number of microbatches differs from the
@@ -211,6 +214,9 @@ class _RankRun:
         self.microbatches = microbatches
         self.last = schedule.num_stages - 1
         self.check_vma = ctx.check_vma
+        # the axes the microbatches are split over (dp, cp, ...): the gradients stay partial over
+        # them, as in Megatron (one reduction by the caller after the flush, not one per backward)
+        self.batch_axes = frozenset().union(*(vma_of(t) for mb in microbatches for t in flatten(mb)[0]))
         leaves, self.param_spec = flatten(stage_params)
         self.param_leaves = leaves
         self.trainable = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.is_floating_point()]
@@ -218,9 +224,10 @@ class _RankRun:
         for i in self.trainable:
             w = leaves[i].detach().requires_grad_(True)
             if self.check_vma:
-                # each rank's stage values are its own: without the pipeline axis in its vma a
+                # Each rank's stage values are its own: without the pipeline axis in its vma a
                 # parameter meeting an activation would be pvary'd and psum its gradient over pp
-                set_vma(w, vma_of(leaves[i]) | {axis_name})
+                # inside every backward. Likewise for the batch axes: the caller reduces once.
+                set_vma(w, vma_of(leaves[i]) | {axis_name} | self.batch_axes)
             live[i] = w
         self.params = unflatten(self.param_spec, live)
         self.weights = [live[i] for i in self.trainable]
@@ -366,10 +373,7 @@ class _RankRun:
 
     def finish(self):
         self.mailbox.flush()
-        axes = {self.axis_name}
-        for mb in self.microbatches:
-            for t in flatten(mb)[0]:
-                axes |= vma_of(t)
+        axes = self.batch_axes | {self.axis_name}
         if self.schedule.stage_to_rank[self.last] == self.rank:
             total = self.losses[0]
             for m in range(1, len(self.microbatches)):
@@ -386,6 +390,6 @@ class _RankRun:
             g = torch.zeros_like(self.weights[k]) if g is None else g
             g = g.detach()
             if self.check_vma:
-                set_vma(g, vma_of(self.param_leaves[i]) | axes)
+                set_vma(g, vma_of(self.weights[k]))
             out[i] = g
         return loss, unflatten(self.param_spec, out)
