@@ -17,6 +17,7 @@ from .actions import Action, Kind, parse_action
 from .comms import add_comms
 from .deps import Event, ready
 from .dualpipe import dualpipev, dualpipev_phase_counts
+from .executor import run_pipeline
 from .interop import from_torch_order, to_torch_strings
 from .generators import gpipe, interleaved_1f1b, nanopipe, one_f_one_b
 from .placement import (
@@ -30,6 +31,7 @@ from .placement import (
 from .plot import plot
 from .schedule import Schedule, format, parse_schedule
 from .simulate import DeadlockError, TimedAction, Timeline, simulate
+from .stages import apply_layers, stack_layers, stack_stages, unstack_layers, unstack_stages
 from .validate import validate
 from .zero_bubble import zbv, zero_bubble_h1
 
@@ -66,4 +68,10 @@ __all__ = [
     "rank_chunk_of_stage",
     "stage_of_rank_chunk",
     "stage_to_rank",
+    "run_pipeline",
+    "stack_stages",
+    "unstack_stages",
+    "stack_layers",
+    "apply_layers",
+    "unstack_layers",
 ]

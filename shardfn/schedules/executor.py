@@ -145,7 +145,9 @@ def run_pipeline(
 
 def _check_arguments(ctx, schedule, stage_fn, microbatches, loss_fn, axis_name, header):
     if not isinstance(schedule, Schedule):
-        raise TypeError(f"run_pipeline: schedule must be a Schedule (e.g. one_f_one_b(p, m)); got {type(schedule).__name__}.")
+        raise TypeError(
+            f"run_pipeline: schedule must be a Schedule (e.g. one_f_one_b(p, m)); got {type(schedule).__name__}."
+        )
     for name, fn in (("stage_fn", stage_fn), ("loss_fn", loss_fn)):
         if not callable(fn):
             raise TypeError(f"run_pipeline: {name} must be callable; got {type(fn).__name__}.")
@@ -259,7 +261,8 @@ class _RankRun:
             try:
                 self._execute(action)
             except Exception as err:
-                raise _annotate(err, f"run_pipeline: pipeline rank {self.rank}, step {step}, action {self._describe(action)}")
+                where = f"run_pipeline: pipeline rank {self.rank}, step {step}, action {self._describe(action)}"
+                raise _annotate(err, where)
             self.done.update(missing)  # the message a RECV waited for has arrived
             self.done.update(provides(action))
 
@@ -309,10 +312,10 @@ class _RankRun:
         if s == self.last:
             loss = self.loss_fn(y, self.microbatches[m])
             if not (isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.is_floating_point()):
+                got = f"{loss.dtype} {list(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
                 raise ValueError(
-                    f"run_pipeline: loss_fn must return a 0-d floating tensor; got "
-                    f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else f'{loss.dtype} {list(loss.shape)}'}. "
-                    f"Reduce it with .mean() or .sum()."
+                    f"run_pipeline: loss_fn must return a 0-d floating tensor; got {got}. Reduce it with .mean() "
+                    f"or .sum()."
                 )
             scaled = loss / len(self.microbatches)  # Megatron: each microbatch loss / m, grads accumulate
             self.losses[m] = scaled.detach()

@@ -105,7 +105,8 @@ def _cases():
             out += [("gpipe", gpipe(p, m)), ("1f1b", one_f_one_b(p, m)), ("zbh1", zero_bubble_h1(p, m)),
                     ("zbv", zbv(p, m))]
             if m % p == 0:
-                out += [("interleaved", interleaved_1f1b(p, m, num_chunks=2)), ("nanopipe", nanopipe(p, m, num_chunks=2))]
+                out += [("interleaved", interleaved_1f1b(p, m, num_chunks=2)),
+                        ("nanopipe", nanopipe(p, m, num_chunks=2))]
             if m >= 2 * p - 1:
                 out += [("dualpipev", dualpipev(p, m)), ("dualpipev_dwdetach", dualpipev(p, m, dw_detach=True))]
     return [pytest.param(s, id=f"{name}-p{s.num_ranks}-m{s.num_microbatches}") for name, s in out]
