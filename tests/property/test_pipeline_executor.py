@@ -6,6 +6,8 @@ throughout. Bitwise (E0) where every stage gets its weight gradients in microbat
 which the test derives from the schedule and asserts for GPipe, 1F1B, interleaved and
 DualPipeV without dw_detach (FEATURES.md 1, 2, 52); otherwise rtol 1e-12 (the summation order
 of deferred W differs; each deferred W itself is checked bitwise in a separate test).
+Also: pp x dp and pp x tp meshes (collectives inside stages; the vma of activations crosses
+the stage cut in the header), errors before any message moves, a stage raising mid-schedule.
 """
 
 import pytest
@@ -259,4 +261,103 @@ def test_overlapped_pairs_run_forward_then_backward():
     want_loss, want = reference(params, mbs)
     assert torch.equal(loss, want_loss)
     for g, w in zip(unstack_stages(grads, "v"), want):
+        assert all(torch.equal(g[k], w[k]) for k in w)
+
+
+@pytest.mark.parametrize("schedule", [one_f_one_b(2, 3), interleaved_1f1b(2, 2, num_chunks=2)], ids=lambda s: s.name)
+def test_pp_by_tp_mesh_with_collectives_inside_stages(schedule):
+    # Column-parallel stages on pp x tp = 2 x 2: each tp rank holds half the output columns and
+    # gathers them (invariant result). The next stage's input is invariant over tp and meets a
+    # tp-varying weight, so its gradient is psum'd over tp inside that stage's backward (the vma
+    # rule), which only works if the header carried the activation's vma across the stage cut.
+    from shardfn import all_gather_invariant
+
+    h = 4  # even, for the tp split of the columns
+    gen = torch.Generator().manual_seed(7)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    params = [{"a": randn(h, h), "b": randn(h)} for _ in range(schedule.num_stages)]
+    mbs = [{"x": randn(2, h), "t": randn(2, h), "w": torch.ones((), dtype=torch.float64)}
+           for _ in range(schedule.num_microbatches)]
+    want_loss, want = reference(params, mbs)
+
+    def stage_fn(w, chunk, x):
+        z = torch.tanh(x["x"] @ w["a"][0, chunk])  # [b, h/tp]
+        y = all_gather_invariant(z, "tp", dim=-1, tiled=True) * w["b"][0, chunk]  # [b, h]
+        return {"x": y + 0.5 * x["x"]}
+
+    def body(w, mbs):
+        return run_pipeline(schedule, stage_fn, w, mbs, loss_fn)
+
+    specs = {"a": P("pp", None, None, "tp"), "b": P("pp")}
+    loss, grads = shard_map(body, mesh=cached_mesh((2, 2), ("pp", "tp")), in_specs=(specs, P()),
+                            out_specs=(P(), specs))(stack_stages(params, 2, schedule.placement), mbs)
+    torch.testing.assert_close(loss, want_loss, rtol=RTOL, atol=ATOL)
+    for g, w in zip(unstack_stages(grads, schedule.placement), want):
+        for k in w:
+            torch.testing.assert_close(g[k], w[k], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("schedule", [one_f_one_b(2, 3), zbv(2, 2)], ids=lambda s: s.name)
+def test_tp_varying_activations_cross_stages_with_their_vma(schedule):
+    # Megatron's column -> row split across the stage cut: a stage ends column-parallel (its output
+    # is this tp rank's column block, varying over tp) and the next begins row-parallel (block @
+    # rows, psum over tp). The receiver must mark the block varying over tp (from the header);
+    # marked invariant, the vma rule would psum its gradient over tp and double-count it.
+    from shardfn import axis_index, psum
+
+    h = 4
+    gen = torch.Generator().manual_seed(8)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) / 2
+
+    params = [{"a": randn(h, h), "r": randn(h, h)} for _ in range(schedule.num_stages)]
+    mbs = [{"x": randn(2, h), "t": randn(2, h)} for _ in range(schedule.num_microbatches)]
+
+    def ref_stage(w, x, first):
+        return torch.tanh((x if first else x @ w["r"]) @ w["a"])
+
+    leaves = [{k: t.clone().requires_grad_(True) for k, t in w.items()} for w in params]
+    want_loss = 0
+    for mb in mbs:
+        x = mb["x"]
+        for s, w in enumerate(leaves):
+            x = ref_stage(w, x, s == 0)
+        scaled = (x - mb["t"]).square().mean() / len(mbs)
+        scaled.backward()
+        want_loss = want_loss + scaled.detach()
+    want = [{k: (t.grad if t.grad is not None else torch.zeros_like(t)) for k, t in w.items()} for w in leaves]
+
+    def stage_fn(w, chunk, x):
+        v = x["x"]
+        full = v if v.shape[-1] == h else psum(v @ w["r"][0, chunk], "tp")  # data, or a column block
+        return {"x": torch.tanh(full @ w["a"][0, chunk])}  # [b, h/tp], varying over tp
+
+    def tp_loss(y, mb):
+        cols = mb["t"].shape[-1] // 2
+        t = mb["t"][:, int(axis_index("tp")) * cols:][:, :cols]
+        return psum((y["x"] - t).square().sum(), "tp") / mb["t"].numel()
+
+    def body(w, mbs):
+        return run_pipeline(schedule, stage_fn, w, mbs, tp_loss)
+
+    specs = {"a": P("pp", None, None, "tp"), "r": P("pp", None, "tp", None)}
+    loss, grads = shard_map(body, mesh=cached_mesh((2, 2), ("pp", "tp")), in_specs=(specs, P()),
+                            out_specs=(P(), specs))(stack_stages(params, 2, schedule.placement), mbs)
+    torch.testing.assert_close(loss, want_loss, rtol=RTOL, atol=ATOL)
+    for s, (g, w) in enumerate(zip(unstack_stages(grads, schedule.placement), want)):
+        for k in w:
+            torch.testing.assert_close(g[k], w[k], rtol=RTOL, atol=ATOL, msg=f"stage {s} {k}")
+
+
+def test_one_rank_pipeline_runs_inline():
+    # pp=1 (a 1-device mesh runs in the caller's thread): the executor is plain gradient accumulation
+    params, mbs = make(2, 3, seed=9)
+    want_loss, want = reference(params, mbs)
+    loss, got = pipelined(interleaved_1f1b(1, 3, num_chunks=2), params, mbs)
+    assert torch.equal(loss, want_loss)
+    for g, w in zip(got, want):
         assert all(torch.equal(g[k], w[k]) for k in w)
