@@ -361,3 +361,37 @@ def test_one_rank_pipeline_runs_inline():
     assert torch.equal(loss, want_loss)
     for g, w in zip(got, want):
         assert all(torch.equal(g[k], w[k]) for k in w)
+
+
+@pytest.mark.parametrize(
+    "schedule", [one_f_one_b(4, 8), gpipe(2, 3), interleaved_1f1b(2, 4, num_chunks=2), zero_bubble_h1(4, 6)],
+    ids=lambda s: s.name,
+)
+def test_live_activations_follow_the_simulator(schedule):
+    # The executor holds a stage output from its F until its B (or W, after an I) and no longer:
+    # counting live outputs with weak references gives the simulator's peak per rank (1F1B:
+    # min(p - r, m)). The rank of the last stage is left out: its output is not kept (the loss is).
+    import weakref
+
+    from shardfn.schedules import simulate
+
+    p, v = schedule.num_ranks, schedule.num_chunks
+    live = {r: [] for r in range(p)}
+    peak = {r: 0 for r in range(p)}
+
+    def stage_fn(w, chunk, x):
+        rank = int(axis_index("pp"))
+        y = layer({k: t[0, chunk] for k, t in w.items()}, x)
+        refs = [r for r in live[rank] if r() is not None]
+        live[rank] = refs + [weakref.ref(y["x"])]
+        peak[rank] = max(peak[rank], len(live[rank]))
+        return y
+
+    params, mbs = make(schedule.num_stages, schedule.num_microbatches, seed=11)
+    _run(_body(schedule, stage_fn), params, mbs, placement=schedule.placement, p=p)
+    want = simulate(schedule, weight_memory=1).peak_activations
+    for r in range(p):
+        if schedule.stage_to_rank[-1] != r:
+            assert peak[r] == want[r] * v, (r, peak, want)
+    if schedule.name == "1f1b":
+        assert [peak[r] for r in range(p - 1)] == [min(p - r, schedule.num_microbatches) for r in range(p - 1)]
