@@ -116,8 +116,10 @@ class Mailbox:
         key = (stage, self.signatures[microbatch])
         tensors = []
         if self.header == "always" or key not in self.sent:
-            blob = torch.frombuffer(bytearray(pickle.dumps((treespec, metas))), dtype=torch.uint8)
-            tensors += [torch.tensor([blob.numel()], dtype=torch.int64), blob]
+            # on the activation's device: NCCL moves device tensors only
+            device = next((x.device for x in leaves if isinstance(x, torch.Tensor)), torch.device("cpu"))
+            blob = torch.frombuffer(bytearray(pickle.dumps((treespec, metas))), dtype=torch.uint8).to(device)
+            tensors += [torch.tensor([blob.numel()], dtype=torch.int64, device=device), blob]
             self.sent[key] = (treespec, metas)
         elif self.sent[key] != (treespec, metas):
             old_spec, old = self.sent[key]
@@ -181,7 +183,7 @@ class Mailbox:
         if self.header == "always" or key not in self.known:
             (length,) = self._recv(peer, [((1,), torch.int64)])
             (blob,) = self._recv(peer, [((int(length[0]),), torch.uint8)])
-            self.known[key] = pickle.loads(blob.numpy().tobytes())
+            self.known[key] = pickle.loads(blob.cpu().numpy().tobytes())
         treespec, metas = self.known[key]
         tensors = iter(self._recv(peer, [(m[1], m[2]) for m in metas if m[0] == "t"]))
         leaves = []
