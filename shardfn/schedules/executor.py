@@ -120,9 +120,13 @@ def run_pipeline(
     Raises:
         ValueError: before any tensor moves, when the number of microbatches differs from the
             schedule's, the schedule is for another number of ranks than the axis size, the
-            schedule is invalid, or an argument is malformed. An exception raised by
-            ``stage_fn`` or ``loss_fn`` propagates with the rank, step and action appended to its
-            message; on the sim backend it ends the whole run (the other ranks stop waiting).
+            schedule is invalid, or the axis is not a mesh axis (TypeError for arguments of the
+            wrong kind).
+        Exception: whatever ``stage_fn`` or ``loss_fn`` raises, with the pipeline rank, program
+            step and action (stage, chunk, microbatch) appended to its message. On the sim
+            backend it ends the whole run: ranks waiting for a message from the failed rank stop
+            waiting. On the dist backend only the failing process raises; its peers stop at the
+            process group's timeout, or when torchrun ends them after the failing process exits.
 
     Example:
         >>> mesh = make_mesh((2,), ("pp",), backend="sim")
