@@ -25,7 +25,7 @@ from shardfn.spec import P
 from shardfn.vma import vma_of
 
 from shardfn import npu  # noqa: E402  (after the collectives: npu.mc2 builds on them)
-from shardfn import schedules  # noqa: E402
+from shardfn import optim, schedules  # noqa: E402
 
 __all__ = [
     "Mesh",
@@ -49,6 +49,7 @@ __all__ = [
     "debug",
     "npu",
     "schedules",
+    "optim",
     "CollectiveMismatchError",
     "DeadlockError",
     "MeshTimeoutError",

@@ -11,7 +11,6 @@ returns DTensors.
 from __future__ import annotations
 
 import functools
-from contextlib import nullcontext
 
 import torch
 
@@ -171,9 +170,33 @@ class _Call:
         return unflatten(self.treespec, leaves), locals_
 
     def _call_f(self, ctx, args):
-        mode = VmaMode(ctx) if self.plan.track else nullcontext()
-        with mode:
+        if not self.plan.track:
             return self.f(*args)
+        with VmaMode(ctx):
+            out = self.f(*args)
+        return self._pvary_outputs(ctx, out)
+
+    def _pvary_outputs(self, ctx, out):
+        """pvary each output over the axes its out_spec names but it does not vary over.
+
+        Such an output is copied into every block of those axes, so the transpose must sum the
+        blocks' cotangents over them (JAX does the same); without this a replicated value
+        returned under a split out_spec gets only its own block's gradient.
+        """
+        from shardfn.primitives.collectives import _pvary_tensor
+
+        try:
+            leaves, (_, _, treespec, named) = self.plan.out_plan(out)
+        except (TypeError, ValueError):
+            return out  # raised again, with context, by _flatten_out in the calling thread
+        changed = False
+        for k, (leaf, axes) in enumerate(zip(leaves, named)):
+            if axes and isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                missing = tuple(a for a in self.mesh.axis_names if a in axes and a not in vma_of(leaf))
+                if missing:
+                    leaves[k] = _pvary_tensor(leaf, missing, ctx)
+                    changed = True
+        return unflatten(treespec, leaves) if changed else out
 
     def _flatten_out(self, out):
         leaves, (paths, leaf_specs, treespec, named) = self.plan.out_plan(out)
@@ -227,7 +250,9 @@ class _Call:
 
     def _run_inline(self, grad):
         """One device: run in the caller's thread; autograd flows through directly."""
-        ctx = self.mesh.runtime.inline_context(self.check_vma)
+        # no vma tracking inline: collectives must not tag values either (check_vma=False), or
+        # vma_of would see some axes (axis_index, all_gather) and not others (ops)
+        ctx = self.mesh.runtime.inline_context(False)
         with context.use(ctx):
             out = self.f(*self.args)
         self._flatten_out(out)
@@ -251,6 +276,12 @@ class _Call:
         return [x for x in joined if isinstance(x, torch.Tensor)]
 
     def _sim_backward(self, grads):
+        if self._locals is None:
+            raise RuntimeError(
+                "shard_map (sim backend): this call's backward already ran and freed the per-device "
+                "graphs, so backward(retain_graph=True) twice through it is not supported. Call the "
+                "mapped function again for a second backward pass."
+            )
         tensor_out = [k for k, x in enumerate(self._template) if isinstance(x, torch.Tensor)]
         out_specs = [self.out_leaf_specs[k] for k in tensor_out]
 

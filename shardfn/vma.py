@@ -92,6 +92,12 @@ class VmaMode(TorchFunctionMode):
                 lift[id(t)] = (t, union - v)
         if lift:
             args, kwargs = self._lift(args, kwargs, lift)
+        if inplace and found and found[0][0] is args[0] and found[0][1] != union and args[0].requires_grad:
+            # the mutated tensor itself becomes varying: pvary it in place so its earlier
+            # history (e.g. a clone of a replicated weight) gets the psum in backward
+            from shardfn.primitives.collectives import _pvary_inplace
+
+            _pvary_inplace(args[0], tuple(sorted(union - found[0][1])), self.ctx)
         out = func(*args, **kwargs)
         if out is None and inplace and args and isinstance(args[0], _Tensor):
             _tag(args[0], union)

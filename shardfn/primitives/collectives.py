@@ -269,6 +269,24 @@ class _Ppermute(_Function):
         return _permute(ctx.dc, "backward", g.contiguous(), ctx.axes, inverse), None, None, None
 
 
+class _PvaryInplace(_Function):
+    @staticmethod
+    def forward(ctx, x, axes, dc):
+        ctx.axes, ctx.dc = axes, dc
+        ctx.mark_dirty(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):  # transpose of pvary: psum
+        return _all_reduce(ctx.dc, "backward", "psum", g, ctx.axes, "sum"), None, None
+
+
+def _pvary_inplace(t, axes, ctx):
+    """pvary `t` in place (before an in-place op makes an invariant tensor varying)."""
+    _suspended(ctx, _PvaryInplace.apply, t, axes, ctx)
+    return t
+
+
 class _NoGradCtx:
     """Stands in for autograd's ctx when no gradient can flow (forward called directly)."""
 
@@ -402,17 +420,17 @@ def _gather(api, fn, x, axis_name, dim, tiled):
     invariant = fn is _AllGatherInvariant
 
     def one(t):
-        if tiled:
-            d = _dim(dim, t.dim(), api)
-            src = t
-        else:
-            d = _dim(dim, t.dim() + 1, api)
-            src = _suspended(ctx, t.unsqueeze, d)
+        d = _dim(dim, t.dim() if tiled else t.dim() + 1, api)
         if invariant:
-            v = vma_of(t)
+            # an invariant operand is still lifted: the slice transpose leaves each device only its
+            # own block of g, and the pvary's psum adds the other blocks back
+            t, v = _lift(t, axes, ctx)
+            src = t if tiled else _suspended(ctx, t.unsqueeze, d)
             y = _suspended(ctx, _apply, fn, src, axes, d, ctx)
             return set_vma(y, v - frozenset(axes)) if ctx.check_vma else y
-        src, v = _lift(src, axes, ctx)
+        # lift before unsqueezing: the unsqueezed view carries no vma of its own
+        t, v = _lift(t, axes, ctx)
+        src = t if tiled else _suspended(ctx, t.unsqueeze, d)
         y = _suspended(ctx, _apply, fn, src, axes, d, ctx)
         return set_vma(y, v | frozenset(axes)) if ctx.check_vma else y
 
