@@ -56,6 +56,20 @@ def _is_inplace(func) -> bool:
 _NOT_VALUES = frozenset({torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward})
 
 
+def _differentiate(func, args, kwargs):
+    """Run autograd.grad/backward untouched; a gradient varies over the axes its input does."""
+    out = func(*args, **kwargs)
+    if func is torch.autograd.grad:
+        inputs = kwargs["inputs"] if "inputs" in kwargs else args[1]
+        inputs = (inputs,) if isinstance(inputs, _Tensor) else tuple(inputs)
+        for x, g in zip(inputs, out):
+            if isinstance(g, _Tensor):
+                v = getattr(x, _ATTR, EMPTY)
+                if v:
+                    setattr(g, _ATTR, v)
+    return out
+
+
 class VmaMode(TorchFunctionMode):
     """Propagates vma sets through every torch op and inserts the automatic pvary."""
 
@@ -66,8 +80,10 @@ class VmaMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
-        if self.ctx.suspended or func in _NOT_VALUES:
+        if self.ctx.suspended:
             return func(*args, **kwargs)
+        if func in _NOT_VALUES:
+            return _differentiate(func, args, kwargs)
         found = []
         for a in args:
             if isinstance(a, _Tensor):
