@@ -4,7 +4,8 @@ A schedule is a value (`Schedule`): per-rank ordered programs of `Action`s. It p
 step x rank grid of torch.distributed.pipelining action strings (`format`), parses back
 (`parse_schedule`), validates (`validate`), simulates without tensors (`simulate`) and plots
 (`plot`). All checks and the simulator use one dependency rule, `deps.ready`, which the
-pipeline executor uses too.
+pipeline executor, `run_pipeline`, uses too: inside shard_map it runs any schedule with real
+tensors on a mesh's pipeline axis (`stack_stages` / `stack_layers` lay out the parameters).
 
 Example:
     >>> from shardfn.schedules import one_f_one_b, simulate
