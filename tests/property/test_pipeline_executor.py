@@ -199,6 +199,10 @@ def test_errors_come_before_any_tensor_moves():
             with pytest.raises(ValueError, match=message):
                 _run(_body(schedule, **kwargs), params, mbs)
         assert log.records == [], "no message may move before the arguments are checked"
+    with pytest.raises(ValueError, match=r"header='sometimes' is not one of \('auto', 'always'\)"):
+        _run(lambda w, mbs: run_pipeline(one_f_one_b(2, 4), layer, w, mbs, loss_fn, header="sometimes"), params, mbs)
+    with pytest.raises(TypeError, match=r"microbatches must be a list or tuple of pytrees"):
+        _run(lambda w, mbs: run_pipeline(one_f_one_b(2, 4), layer, w, {"all": mbs}, loss_fn), params, mbs)
     # a schedule that is not valid: stage 1 never runs the backward of microbatch 1
     programs = [list(p) for p in one_f_one_b(2, 2).programs]
     programs[1] = [a for a in programs[1] if not (a.kind is Kind.B and a.microbatch == 1)]
