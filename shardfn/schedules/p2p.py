@@ -25,6 +25,10 @@ Ordering: messages between a pair of ranks arrive in the order they were sent (b
 and NCCL has no tags), but a rank may need them in another order (in a V placement rank 0
 sends rank 1 both activations and gradients). Every rank knows every program, so a receiver
 reads a peer's messages in that peer's send order and stashes the ones it does not need yet.
+
+Sends never block (``p2p(..., wait_sends=False)``), as the schedules and the simulator assume:
+on gloo a waited send completes only when the peer posts the receive, so two ranks that each
+send before receiving would deadlock. `Mailbox.flush` waits for them at the end of the run.
 """
 
 from __future__ import annotations
