@@ -18,7 +18,7 @@ from shardfn import context, debug
 from shardfn.mesh import Mesh, current_mesh
 from shardfn.spec import P, check_spec, entry_axes, join_blocks, local_block, spec_axes
 from shardfn.tree import broadcast_prefix, flatten, flatten_with_paths, format_path, unflatten
-from shardfn.vma import VmaMode, set_vma, vma_of
+from shardfn.vma import VmaMode, install_function_hook, set_vma, vma_of
 
 __all__ = ["shard_map"]
 
@@ -96,6 +96,8 @@ class _Plan:
         self.check_vma = check_vma
         self.out_specs = out_specs
         self.track = check_vma and mesh.size > 1
+        if self.track:
+            install_function_hook()
         spec_paths, spec_leaves, _ = flatten_with_paths(in_specs, is_leaf=_is_spec)
         _check_spec_leaves(spec_leaves, spec_paths, "in_specs")
         paths, leaves, self.treespec = flatten_with_paths(args)
@@ -113,6 +115,7 @@ class _Plan:
         if problems:
             raise ValueError("shard_map: bad in_specs:\n  " + "\n  ".join(problems))
         self.specs = specs
+        self.paths = paths
         self.spec_axes = [spec_axes(sp) for sp in specs]
         self.tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
         self.outs = {}
@@ -312,9 +315,33 @@ class _Call:
             for d in range(self.mesh.size):
                 g = results[d][slot[i]]
                 blocks.append(g if g is not None else torch.zeros_like(self._locals[d][i]))
+            if self.plan.track:
+                self._check_replicas(pos, blocks, coords)
             in_grads.append(join_blocks(blocks, coords, self.specs[pos], self.mesh))
         self._locals = self._outs = None
         return in_grads
+
+    def _check_replicas(self, pos, blocks, coords):
+        """Devices holding the same block of an input must agree on its gradient (vma makes them).
+
+        A disagreement means a gradient escaped the vma rules (e.g. a value computed outside torch's
+        ops): silently taking one device's value would be wrong, so it is an error.
+        """
+        axes = self.plan.spec_axes[pos]
+        first = {}
+        for d, (g, c) in enumerate(zip(blocks, coords)):
+            key = tuple(c[a] for a in axes)
+            if key not in first:
+                first[key] = d
+            elif not torch.equal(g, blocks[first[key]]):
+                path = format_path("args", self.plan.paths[pos])
+                replicated = [a for a in self.mesh.axis_names if a not in axes]
+                raise RuntimeError(
+                    f"shard_map: the gradient of {path} (replicated over {replicated}) differs between "
+                    f"devices {self.mesh.describe(first[key])} and {self.mesh.describe(d)}, so the vma rules "
+                    f"missed a use of it. Make every use of it go through torch ops or shardfn collectives, "
+                    f"or mark it with pvary(x, {tuple(replicated)}) before it meets sharded values."
+                )
 
     # ---- dist backend --------------------------------------------------------------------------
     def run_dist(self):

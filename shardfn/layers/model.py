@@ -1,0 +1,100 @@
+"""A functional Llama-style decoder: ``init(generator, config)``, ``apply``, ``loss``.
+
+embed -> blocks (RoPE or ALiBi, GQA, SwiGLU or GeLU, MoE with shared experts, noop layers)
+-> final norm -> logits (tied or separate head). Parameters are a dict pytree:
+``{"embed", "layers": [block params], "final_norm", "head"?}``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from shardfn.layers import block, embedding, linear, norm
+from shardfn.layers.alibi import alibi_slopes
+from shardfn.layers.config import LlamaConfig
+from shardfn.layers.core_attention import attention, varlen_attention
+from shardfn.layers.recompute import RecomputePolicy
+from shardfn.layers.rotary import rope_cache
+
+__all__ = ["init", "apply", "loss", "LlamaConfig"]
+
+
+def init(generator: torch.Generator | None, config: LlamaConfig) -> dict:
+    """Initialise the model's parameters (weights ~ N(0, init_std^2), norms 1, biases 0)."""
+    if not isinstance(config, LlamaConfig):
+        raise TypeError(f"model.init: config must be a LlamaConfig, got {type(config).__name__}.")
+    c = config
+    params = {
+        "embed": embedding.init(generator, c.vocab_size, c.hidden, std=c.init_std, dtype=c.dtype),
+        "layers": [block.init(generator, c, i) for i in range(c.num_layers)],
+        "final_norm": norm.init(generator, c.hidden, kind=c.norm, dtype=c.dtype),
+    }
+    if not c.tie_embeddings:
+        params["head"] = linear.init(generator, c.hidden, c.vocab_size, std=c.init_std, dtype=c.dtype)
+    return params
+
+
+def apply(params: dict, tokens: torch.Tensor, *, config: LlamaConfig, position_ids=None, cu_seqlens=None,
+          recompute: RecomputePolicy = RecomputePolicy(), generator: torch.Generator | None = None,
+          attn_fn=attention, varlen_fn=varlen_attention, column_linear=linear.apply,
+          row_linear=linear.apply) -> torch.Tensor:
+    """Logits of tokens `[b, s]` -> `[b, s, V]`.
+
+    Args:
+      params: from ``init``.
+      tokens: int `[b, s]`.
+      config: the model config.
+      position_ids: int `[s]` or `[b, s]` for RoPE (EOD reset); default ``arange(s)``.
+      cu_seqlens: packed-document boundaries (from ``eod_reset``): attention stays in documents.
+      recompute: which blocks recompute what.
+      generator: RNG for dropout.
+      attn_fn: attention core passed to every block.
+      varlen_fn: attention core for packed documents.
+      column_linear: column-side linear passed to every block.
+      row_linear: row-side linear passed to every block.
+    """
+    c = config
+    if tokens.dim() != 2:
+        raise ValueError(f"model.apply: tokens must be [batch, seq], got shape {tuple(tokens.shape)}.")
+    s = tokens.shape[1]
+    x = embedding.apply(params["embed"], tokens)
+    rope = None
+    slopes = None
+    table_dtype = torch.float64 if c.dtype == torch.float64 else torch.float32
+    if c.position == "rope":
+        rope = rope_cache(s, c.rope_dim, base=c.rope_base, position_ids=position_ids, dtype=table_dtype,
+                          device=tokens.device)
+    elif c.position == "alibi":
+        slopes = alibi_slopes(c.num_heads, dtype=table_dtype, device=tokens.device)
+    for i, p in enumerate(params["layers"]):
+        x = block.apply(p, x, config=c, rope=rope, alibi_slopes=slopes, cu_seqlens=cu_seqlens,
+                        recompute=recompute.for_layer(i), generator=generator, attn_fn=attn_fn,
+                        varlen_fn=varlen_fn, column_linear=column_linear, row_linear=row_linear)
+    x = norm.apply(params["final_norm"], x, kind=c.norm, eps=c.norm_eps)
+    if c.tie_embeddings:
+        return embedding.logits(params["embed"], x)
+    return linear.apply(params["head"], x)
+
+
+def loss(params: dict, tokens: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None, *,
+         config: LlamaConfig, **apply_kwargs) -> torch.Tensor:
+    """Mean next-token cross-entropy (fp32) over the positions where ``loss_mask`` is 1.
+
+    Args:
+      params: from ``init``.
+      tokens: int `[b, s]`.
+      targets: int `[b, s]`.
+      loss_mask: `[b, s]` of 0/1 (default all ones).
+      config: the model config.
+      **apply_kwargs: passed to ``apply``.
+
+    Returns:
+      A 0-d fp32 tensor (float64 for a float64 model).
+    """
+    logits = apply(params, tokens, config=config, **apply_kwargs)
+    cdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    ce = F.cross_entropy(logits.to(cdtype).flatten(0, 1), targets.flatten(), reduction="none")
+    if loss_mask is None:
+        return ce.mean()
+    m = loss_mask.flatten().to(ce.dtype)
+    return (ce * m).sum() / m.sum()
