@@ -574,13 +574,21 @@ def axis_size(axis_name) -> int:
     return _size(ctx, _axes(axis_name, ctx, "axis_size"))
 
 
-def p2p(axis_name, sends=(), recvs=()):
+def p2p(axis_name, sends=(), recvs=(), *, wait_sends=True):
     """Point-to-point messages along `axis_name` (for pipeline executors; not differentiable).
 
     Args:
         axis_name: the mesh axis (or tuple) whose indices name the peers.
         sends: (destination index, tensor) pairs, posted first.
         recvs: (source index, shape, dtype) triples, received in order.
+        wait_sends: with True (default) return once every send of this call, and every send an
+            earlier call left in flight, has completed. With False return as soon as the receives
+            have arrived and leave this call's sends in flight: a pipeline executor needs sends
+            that never block (on gloo a send completes only when the peer posts its receive, so
+            two ranks that first send to each other and then receive would deadlock). The dist
+            communicator keeps the in-flight sends (and their tensors) until a later call with
+            wait_sends=True; the sim backend buffers every message at once, so there it changes
+            nothing.
 
     Returns:
         The received tensors, in the order of `recvs`. On the sim backend a device waiting for a
@@ -598,5 +606,7 @@ def p2p(axis_name, sends=(), recvs=()):
         raise ValueError(f"shardfn.p2p: peer indices {bad} are outside the axis size {n} of {axes}.")
     for _, t in sends:
         debug.record(ctx, "p2p", axes, _nbytes(t), "forward")
-    out = _suspended(ctx, ctx.comm.p2p, axes, sends, recvs)
+    if not isinstance(wait_sends, bool):
+        raise TypeError(f"shardfn.p2p: wait_sends must be a bool; got {wait_sends!r}.")
+    out = _suspended(ctx, ctx.comm.p2p, axes, sends, recvs, wait_sends)
     return out
