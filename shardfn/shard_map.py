@@ -70,6 +70,8 @@ def shard_map(f, *, mesh: Mesh | None = None, in_specs, out_specs, check_vma: bo
         plan = plans.get(key)
         if plan is None:
             plan = plans[key] = _Plan(f, m, args, in_specs, out_specs, check_vma)
+        if m.size == 1 and m.backend == "sim":
+            return plan.run_inline(args)
         call = _Call(plan, leaves, args)
         if m.backend == "sim":
             return call.run_sim()
@@ -96,6 +98,7 @@ class _Plan:
         self.check_vma = check_vma
         self.out_specs = out_specs
         self.track = check_vma and mesh.size > 1
+        self.inline_ctx = mesh.runtime.inline_context(False) if mesh.size == 1 and mesh.backend == "sim" else None
         if self.track:
             install_function_hook()
         spec_paths, spec_leaves, _ = flatten_with_paths(in_specs, is_leaf=_is_spec)
@@ -120,12 +123,28 @@ class _Plan:
         self.tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
         self.outs = {}
 
+    def run_inline(self, args):
+        """One device: run in the caller's thread; autograd flows through directly.
+
+        No vma tracking inline: collectives must not tag values either (check_vma=False), or
+        vma_of would see some axes (axis_index, all_gather) and not others (ops).
+        """
+        ctx = self.inline_ctx
+        prev = context.swap(ctx)
+        try:
+            out = self.f(*args)
+        finally:
+            context.swap(prev)
+        self.out_plan(out)
+        return out
+
     def out_plan(self, out):
         """(paths, leaf specs, treespec) of an output structure, checked once per structure and shapes."""
-        paths, leaves, treespec = flatten_with_paths(out)
+        leaves, treespec = flatten(out)
         key = (treespec, tuple(x.shape if isinstance(x, torch.Tensor) else None for x in leaves))
         found = self.outs.get(key)
         if found is None:
+            paths = flatten_with_paths(out)[0]
             spec_paths, spec_leaves, _ = flatten_with_paths(self.out_specs, is_leaf=_is_spec)
             _check_spec_leaves(spec_leaves, spec_paths, "out_specs")
             leaf_specs = broadcast_prefix(self.out_specs, out, is_leaf=_is_spec, what="out_specs")
@@ -238,8 +257,6 @@ class _Call:
     def run_sim(self):
         tensors = [self.leaves[i] for i in self.tensor_pos]
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        if self.mesh.size == 1:
-            return self._run_inline(grad)
         if grad:
             flat = _SimShardMap.apply(self, *tensors)
         else:
@@ -250,16 +267,6 @@ class _Call:
         it = iter(flat_tensors)
         leaves = [next(it) if isinstance(x, torch.Tensor) else x for x in self._template]
         return unflatten(self.out_treespec, leaves)
-
-    def _run_inline(self, grad):
-        """One device: run in the caller's thread; autograd flows through directly."""
-        # no vma tracking inline: collectives must not tag values either (check_vma=False), or
-        # vma_of would see some axes (axis_index, all_gather) and not others (ops)
-        ctx = self.mesh.runtime.inline_context(False)
-        with context.use(ctx):
-            out = self.f(*self.args)
-        self._flatten_out(out)
-        return out
 
     def _sim_forward(self, grad):
         def device(ctx):
