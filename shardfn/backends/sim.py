@@ -22,7 +22,7 @@ import optree
 import torch
 
 from shardfn import context
-from shardfn.errors import CollectiveMismatchError, DeadlockError, MeshTimeoutError
+from shardfn.errors import CollectiveMismatchError, DeadlockError, MeshTimeoutError, annotate
 
 __all__ = ["SimRuntime"]
 
@@ -441,14 +441,5 @@ class SimRuntime:
                 self._workers[dev].jobs.put(None)
                 self._workers[dev] = _Worker(dev, self.threads_per_device)
         if device is not None:
-            _annotate(error, f"device {self.mesh.describe(device)} of {self.mesh!r}")
+            annotate(error, f"[raised on device {self.mesh.describe(device)} of {self.mesh!r}]")
         raise error
-
-
-def _annotate(err: BaseException, where: str) -> None:
-    note = f"[raised on {where}]"
-    if err.args and isinstance(err.args[0], str):
-        if note not in err.args[0]:
-            err.args = (f"{err.args[0]} {note}",) + tuple(err.args[1:])
-    elif hasattr(err, "add_note"):
-        err.add_note(note)

@@ -17,6 +17,7 @@ contiguously over (ring, ulysses): `P(None, ('ring', 'ulysses'))`.
 from __future__ import annotations
 
 import torch
+from shardfn.primitives.uneven import split_sizes
 
 __all__ = [
     "split_sizes",
@@ -28,12 +29,6 @@ __all__ = [
     "varlen_zigzag_unshard",
     "layout_positions",
 ]
-
-
-def split_sizes(total: int, num_parts: int) -> list[int]:
-    """`torch.tensor_split` sizes: every part gets total // n and the first total % n parts one more."""
-    base, extra = divmod(int(total), int(num_parts))
-    return [base + (1 if i < extra else 0) for i in range(num_parts)]
 
 
 def _check(api, seq_len, num_ranks):

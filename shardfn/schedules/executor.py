@@ -33,6 +33,7 @@ from shardfn import context
 from shardfn.primitives.collectives import psum
 from shardfn.tree import flatten, tree_map, unflatten
 from shardfn.vma import set_vma, vma_of
+from shardfn.errors import annotate
 
 from .actions import Action, Kind
 from .comms import add_comms
@@ -185,16 +186,6 @@ def _check_arguments(ctx, schedule, stage_fn, microbatches, loss_fn, axis_name, 
         )
 
 
-def _annotate(err: BaseException, where: str) -> BaseException:
-    note = f"[{where}]"
-    if err.args and isinstance(err.args[0], str):
-        if note not in err.args[0]:
-            err.args = (f"{err.args[0]} {note}",) + tuple(err.args[1:])
-    elif hasattr(err, "add_note"):
-        err.add_note(note)
-    return err
-
-
 class _Forward:
     """What a forward leaves for its backward: input leaves needing grad, the output, its grad leaves."""
 
@@ -266,7 +257,7 @@ class _RankRun:
                 self._execute(action)
             except Exception as err:
                 where = f"run_pipeline: pipeline rank {self.rank}, step {step}, action {self._describe(action)}"
-                raise _annotate(err, where)
+                raise annotate(err, f"[{where}]")
             self.done.update(missing)  # the message a RECV waited for has arrived
             self.done.update(provides(action))
 
