@@ -87,7 +87,7 @@ def bench_one_device():
     return rows
 
 
-def bench_mlp(b=64, h=256, f=1024, dp=2, tp=4):
+def bench_mlp(b=256, h=1024, f=4096, dp=2, tp=4):
     torch.manual_seed(0)
     x, y = torch.randn(b, h), torch.randn(b, h)
     w1 = (torch.randn(h, f) / h**0.5).requires_grad_()

@@ -25,6 +25,7 @@ from shardfn.spec import P
 from shardfn.vma import vma_of
 
 from shardfn import npu  # noqa: E402  (after the collectives: npu.mc2 builds on them)
+from shardfn import optim, schedules  # noqa: E402
 
 __all__ = [
     "Mesh",
@@ -47,6 +48,8 @@ __all__ = [
     "vma_of",
     "debug",
     "npu",
+    "schedules",
+    "optim",
     "CollectiveMismatchError",
     "DeadlockError",
     "MeshTimeoutError",

@@ -44,6 +44,13 @@ def require(api: str) -> DeviceContext:
     return ctx
 
 
+def swap(ctx: DeviceContext | None) -> DeviceContext | None:
+    """Install `ctx` as the calling thread's device context; return the previous one."""
+    prev = getattr(_tls, "ctx", None)
+    _tls.ctx = ctx
+    return prev
+
+
 @contextmanager
 def use(ctx: DeviceContext | None):
     """Make `ctx` the calling thread's device context for the duration of the block."""

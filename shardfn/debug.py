@@ -85,10 +85,10 @@ def active_logs() -> tuple:
     return _active.get()
 
 
-def record(ctx, name: str, axis_name: tuple, bytes_sent, phase: str) -> None:
-    """Append one record to every log active for `ctx` (a DeviceContext)."""
+def record(ctx, name: str, axis_name: tuple, numerator: int, phase: str, denominator: int = 1) -> None:
+    """Append one record (numerator/denominator bytes) to every log active for `ctx` (a DeviceContext)."""
     logs = ctx.recorders if ctx.recorders is not None else _active.get()
     if logs:
-        rec = CommRecord(name, tuple(axis_name), Fraction(bytes_sent), ctx.index, phase)
+        rec = CommRecord(name, tuple(axis_name), Fraction(numerator, denominator), ctx.index, phase)
         for log in logs:
             log.records.append(rec)

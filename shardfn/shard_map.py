@@ -11,7 +11,6 @@ returns DTensors.
 from __future__ import annotations
 
 import functools
-from contextlib import nullcontext
 
 import torch
 
@@ -19,7 +18,7 @@ from shardfn import context, debug
 from shardfn.mesh import Mesh, current_mesh
 from shardfn.spec import P, check_spec, entry_axes, join_blocks, local_block, spec_axes
 from shardfn.tree import broadcast_prefix, flatten, flatten_with_paths, format_path, unflatten
-from shardfn.vma import VmaMode, set_vma, vma_of
+from shardfn.vma import VmaMode, install_function_hook, set_vma, vma_of
 
 __all__ = ["shard_map"]
 
@@ -71,6 +70,8 @@ def shard_map(f, *, mesh: Mesh | None = None, in_specs, out_specs, check_vma: bo
         plan = plans.get(key)
         if plan is None:
             plan = plans[key] = _Plan(f, m, args, in_specs, out_specs, check_vma)
+        if m.size == 1 and m.backend == "sim":
+            return plan.run_inline(args)
         call = _Call(plan, leaves, args)
         if m.backend == "sim":
             return call.run_sim()
@@ -97,6 +98,9 @@ class _Plan:
         self.check_vma = check_vma
         self.out_specs = out_specs
         self.track = check_vma and mesh.size > 1
+        self.inline_ctx = mesh.runtime.inline_context(False) if mesh.size == 1 and mesh.backend == "sim" else None
+        if self.track:
+            install_function_hook()
         spec_paths, spec_leaves, _ = flatten_with_paths(in_specs, is_leaf=_is_spec)
         _check_spec_leaves(spec_leaves, spec_paths, "in_specs")
         paths, leaves, self.treespec = flatten_with_paths(args)
@@ -114,16 +118,33 @@ class _Plan:
         if problems:
             raise ValueError("shard_map: bad in_specs:\n  " + "\n  ".join(problems))
         self.specs = specs
+        self.paths = paths
         self.spec_axes = [spec_axes(sp) for sp in specs]
         self.tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
         self.outs = {}
 
+    def run_inline(self, args):
+        """One device: run in the caller's thread; autograd flows through directly.
+
+        No vma tracking inline: collectives must not tag values either (check_vma=False), or
+        vma_of would see some axes (axis_index, all_gather) and not others (ops).
+        """
+        ctx = self.inline_ctx
+        prev = context.swap(ctx)
+        try:
+            out = self.f(*args)
+        finally:
+            context.swap(prev)
+        self.out_plan(out)
+        return out
+
     def out_plan(self, out):
         """(paths, leaf specs, treespec) of an output structure, checked once per structure and shapes."""
-        paths, leaves, treespec = flatten_with_paths(out)
+        leaves, treespec = flatten(out)
         key = (treespec, tuple(x.shape if isinstance(x, torch.Tensor) else None for x in leaves))
         found = self.outs.get(key)
         if found is None:
+            paths = flatten_with_paths(out)[0]
             spec_paths, spec_leaves, _ = flatten_with_paths(self.out_specs, is_leaf=_is_spec)
             _check_spec_leaves(spec_leaves, spec_paths, "out_specs")
             leaf_specs = broadcast_prefix(self.out_specs, out, is_leaf=_is_spec, what="out_specs")
@@ -171,9 +192,33 @@ class _Call:
         return unflatten(self.treespec, leaves), locals_
 
     def _call_f(self, ctx, args):
-        mode = VmaMode(ctx) if self.plan.track else nullcontext()
-        with mode:
+        if not self.plan.track:
             return self.f(*args)
+        with VmaMode(ctx):
+            out = self.f(*args)
+        return self._pvary_outputs(ctx, out)
+
+    def _pvary_outputs(self, ctx, out):
+        """pvary each output over the axes its out_spec names but it does not vary over.
+
+        Such an output is copied into every block of those axes, so the transpose must sum the
+        blocks' cotangents over them (JAX does the same); without this a replicated value
+        returned under a split out_spec gets only its own block's gradient.
+        """
+        from shardfn.primitives.collectives import _pvary_tensor
+
+        try:
+            leaves, (_, _, treespec, named) = self.plan.out_plan(out)
+        except (TypeError, ValueError):
+            return out  # raised again, with context, by _flatten_out in the calling thread
+        changed = False
+        for k, (leaf, axes) in enumerate(zip(leaves, named)):
+            if axes and isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                missing = tuple(a for a in self.mesh.axis_names if a in axes and a not in vma_of(leaf))
+                if missing:
+                    leaves[k] = _pvary_tensor(leaf, missing, ctx)
+                    changed = True
+        return unflatten(treespec, leaves) if changed else out
 
     def _flatten_out(self, out):
         leaves, (paths, leaf_specs, treespec, named) = self.plan.out_plan(out)
@@ -212,8 +257,6 @@ class _Call:
     def run_sim(self):
         tensors = [self.leaves[i] for i in self.tensor_pos]
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        if self.mesh.size == 1:
-            return self._run_inline(grad)
         if grad:
             flat = _SimShardMap.apply(self, *tensors)
         else:
@@ -224,14 +267,6 @@ class _Call:
         it = iter(flat_tensors)
         leaves = [next(it) if isinstance(x, torch.Tensor) else x for x in self._template]
         return unflatten(self.out_treespec, leaves)
-
-    def _run_inline(self, grad):
-        """One device: run in the caller's thread; autograd flows through directly."""
-        ctx = self.mesh.runtime.inline_context(self.check_vma)
-        with context.use(ctx):
-            out = self.f(*self.args)
-        self._flatten_out(out)
-        return out
 
     def _sim_forward(self, grad):
         def device(ctx):
@@ -251,6 +286,12 @@ class _Call:
         return [x for x in joined if isinstance(x, torch.Tensor)]
 
     def _sim_backward(self, grads):
+        if self._locals is None:
+            raise RuntimeError(
+                "shard_map (sim backend): this call's backward already ran and freed the per-device "
+                "graphs, so backward(retain_graph=True) twice through it is not supported. Call the "
+                "mapped function again for a second backward pass."
+            )
         tensor_out = [k for k, x in enumerate(self._template) if isinstance(x, torch.Tensor)]
         out_specs = [self.out_leaf_specs[k] for k in tensor_out]
 
@@ -281,9 +322,33 @@ class _Call:
             for d in range(self.mesh.size):
                 g = results[d][slot[i]]
                 blocks.append(g if g is not None else torch.zeros_like(self._locals[d][i]))
+            if self.plan.track:
+                self._check_replicas(pos, blocks, coords)
             in_grads.append(join_blocks(blocks, coords, self.specs[pos], self.mesh))
         self._locals = self._outs = None
         return in_grads
+
+    def _check_replicas(self, pos, blocks, coords):
+        """Devices holding the same block of an input must agree on its gradient (vma makes them).
+
+        A disagreement means a gradient escaped the vma rules (e.g. a value computed outside torch's
+        ops): silently taking one device's value would be wrong, so it is an error.
+        """
+        axes = self.plan.spec_axes[pos]
+        first = {}
+        for d, (g, c) in enumerate(zip(blocks, coords)):
+            key = tuple(c[a] for a in axes)
+            if key not in first:
+                first[key] = d
+            elif not torch.equal(g, blocks[first[key]]):
+                path = format_path("args", self.plan.paths[pos])
+                replicated = [a for a in self.mesh.axis_names if a not in axes]
+                raise RuntimeError(
+                    f"shard_map: the gradient of {path} (replicated over {replicated}) differs between "
+                    f"devices {self.mesh.describe(first[key])} and {self.mesh.describe(d)}, so the vma rules "
+                    f"missed a use of it. Make every use of it go through torch ops or shardfn collectives, "
+                    f"or mark it with pvary(x, {tuple(replicated)}) before it meets sharded values."
+                )
 
     # ---- dist backend --------------------------------------------------------------------------
     def run_dist(self):

@@ -47,6 +47,7 @@ class DistComm:
         self.runtime = runtime
         self.mesh = runtime.mesh
         self._groups = {}
+        self._pending = []  # sends a p2p call with wait_sends=False left in flight
 
     def group(self, axes):
         """(process group, block order) for `axes`; order maps axis-tuple index -> group rank."""
@@ -146,18 +147,26 @@ class DistComm:
                 work.wait()
         return out if out is not None else torch.zeros_like(x)
 
-    def p2p(self, axes, sends, recvs):
+    def p2p(self, axes, sends, recvs, wait_sends=True):
         members = self.members(axes)
-        ops, bufs = [], []
-        for dst, t in sends:
-            ops.append(dist.P2POp(dist.isend, t.detach().contiguous(), members[dst]))
-        for src, shape, dtype in recvs:
-            buf = torch.empty(shape, dtype=dtype, device=self.mesh.device_type if self.mesh.device_type != "cpu" else "cpu")
-            bufs.append(buf)
-            ops.append(dist.P2POp(dist.irecv, buf, members[src]))
-        if ops:
-            for work in dist.batch_isend_irecv(ops):
+        # Sends and receives go in separate batches: a backend that coalesces a batch into one
+        # work could not finish the receives while a send of the same batch waits for its peer.
+        send_ops = [dist.P2POp(dist.isend, t.detach().contiguous(), members[dst]) for dst, t in sends]
+        device = self.mesh.device_type if self.mesh.device_type != "cpu" else "cpu"
+        bufs = [torch.empty(shape, dtype=dtype, device=device) for _, shape, dtype in recvs]
+        recv_ops = [dist.P2POp(dist.irecv, buf, members[src]) for buf, (src, _, _) in zip(bufs, recvs)]
+        # in-flight sends keep their works (which hold the tensors) until a call that waits
+        pending = [w for w in self._pending if not w.is_completed()]
+        if send_ops:
+            pending += list(dist.batch_isend_irecv(send_ops))
+        if recv_ops:
+            for work in dist.batch_isend_irecv(recv_ops):
                 work.wait()
+        if wait_sends:
+            for work in pending:
+                work.wait()
+            pending = []
+        self._pending = pending
         return bufs
 
 

@@ -14,6 +14,77 @@ from shardfn.primitives.collectives import (
     psum_scatter,
     pvary,
 )
+from shardfn.primitives.ring_attention import (
+    ring_attention,
+    double_ring_groups,
+    ring_visit_order,
+    ring_bytes,
+    kv_cache_policy_for_layer,
+)
+from shardfn.primitives.ulysses import (
+    ulysses_attention,
+    uneven_all_to_all,
+    split_uneven,
+    gather_uneven,
+    ulysses_bytes,
+)
+from shardfn.primitives.hybrid import (
+    hybrid_attention,
+    hybrid_groups,
+    hybrid_bytes,
+)
+from shardfn.primitives.zigzag import (
+    zigzag_shard,
+    zigzag_unshard,
+    zigzag_indices,
+    varlen_zigzag_shard,
+    varlen_zigzag_unshard,
+    varlen_zigzag_indices,
+)
+from shardfn.primitives.block_attention import (
+    merge_attention,
+    block_forward,
+    block_backward,
+    local_attention,
+)
+from shardfn.primitives.context_parallel import (
+    cp_attention_fns,
+    cp_permute,
+    cp_unpermute,
+    cp_position_ids,
+)
+from shardfn.primitives.tensor_parallel import (
+    tp_enter,
+    tp_exit,
+    scatter_to_sequence,
+    gather_from_sequence,
+    sp_column_linear_regather,
+)
+from shardfn.primitives.uneven import (
+    split_sizes,
+    split_offsets,
+    block_range,
+    pad_blocks,
+    unpad_blocks,
+    trim_block,
+    uneven_all_gather,
+    uneven_psum_scatter,
+    uneven_slice,
+)
+from shardfn.primitives.overlap import (
+    all_gather_matmul,
+    ring_all_gather_matmul,
+    matmul_reduce_scatter,
+    matmul_all_reduce,
+)
+from shardfn.primitives.tp2d import (
+    linear_2d,
+    psum_stats,
+)
+from shardfn.primitives.conv3d_sp import (
+    conv3d_sequence_parallel,
+    conv3d_depth_ranges,
+)
 
 __all__ = [
     "psum",
@@ -29,4 +100,53 @@ __all__ = [
     "axis_index",
     "axis_size",
     "p2p",
+    "ring_attention",
+    "double_ring_groups",
+    "ring_visit_order",
+    "ring_bytes",
+    "kv_cache_policy_for_layer",
+    "ulysses_attention",
+    "uneven_all_to_all",
+    "split_uneven",
+    "gather_uneven",
+    "ulysses_bytes",
+    "hybrid_attention",
+    "hybrid_groups",
+    "hybrid_bytes",
+    "zigzag_shard",
+    "zigzag_unshard",
+    "zigzag_indices",
+    "varlen_zigzag_shard",
+    "varlen_zigzag_unshard",
+    "varlen_zigzag_indices",
+    "merge_attention",
+    "block_forward",
+    "block_backward",
+    "local_attention",
+    "cp_attention_fns",
+    "cp_permute",
+    "cp_unpermute",
+    "cp_position_ids",
+    "tp_enter",
+    "tp_exit",
+    "scatter_to_sequence",
+    "gather_from_sequence",
+    "sp_column_linear_regather",
+    "split_sizes",
+    "split_offsets",
+    "block_range",
+    "pad_blocks",
+    "unpad_blocks",
+    "trim_block",
+    "uneven_all_gather",
+    "uneven_psum_scatter",
+    "uneven_slice",
+    "all_gather_matmul",
+    "ring_all_gather_matmul",
+    "matmul_reduce_scatter",
+    "matmul_all_reduce",
+    "linear_2d",
+    "psum_stats",
+    "conv3d_sequence_parallel",
+    "conv3d_depth_ranges",
 ]

@@ -13,8 +13,6 @@ function whose backward is the transpose (DESIGN.md section 3):
 from __future__ import annotations
 
 import math
-from fractions import Fraction
-
 import torch
 
 from shardfn import context, debug
@@ -128,7 +126,7 @@ def _all_reduce(dc, phase, name, x, axes, op):
     n = _size(ctx, axes)
     if n == 1:
         return x.clone()
-    debug.record(ctx, name, axes, Fraction(2 * (n - 1) * _nbytes(x), n), phase)
+    debug.record(ctx, name, axes, 2 * (n - 1) * _nbytes(x), phase, n)
     return ctx.comm.all_reduce(x.detach(), axes, op)
 
 
@@ -146,7 +144,7 @@ def _reduce_scatter(dc, phase, x, axes, dim):
     n = _size(ctx, axes)
     if n == 1:
         return x.clone()
-    debug.record(ctx, "psum_scatter", axes, Fraction((n - 1) * _nbytes(x), n), phase)
+    debug.record(ctx, "psum_scatter", axes, (n - 1) * _nbytes(x), phase, n)
     return ctx.comm.reduce_scatter(x.detach(), axes, dim)
 
 
@@ -155,7 +153,7 @@ def _all_to_all(dc, phase, x, axes, split_dim, concat_dim):
     n = _size(ctx, axes)
     if n == 1:
         return x.clone()
-    debug.record(ctx, "all_to_all", axes, Fraction((n - 1) * _nbytes(x), n), phase)
+    debug.record(ctx, "all_to_all", axes, (n - 1) * _nbytes(x), phase, n)
     return ctx.comm.all_to_all(x.detach(), axes, split_dim, concat_dim)
 
 
@@ -271,6 +269,38 @@ class _Ppermute(_Function):
         return _permute(ctx.dc, "backward", g.contiguous(), ctx.axes, inverse), None, None, None
 
 
+class _PvaryInplace(_Function):
+    @staticmethod
+    def forward(ctx, x, axes, dc):
+        ctx.axes, ctx.dc = axes, dc
+        ctx.mark_dirty(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):  # transpose of pvary: psum
+        return _all_reduce(ctx.dc, "backward", "psum", g, ctx.axes, "sum"), None, None
+
+
+def _pvary_inplace(t, axes, ctx):
+    """pvary `t` in place (before an in-place op makes an invariant tensor varying)."""
+    _suspended(ctx, _PvaryInplace.apply, t, axes, ctx)
+    return t
+
+
+class _NoGradCtx:
+    """Stands in for autograd's ctx when no gradient can flow (forward called directly)."""
+
+    def save_for_backward(self, *tensors):
+        pass
+
+
+def _apply(fn, t, *args):
+    """fn.apply when a gradient can flow through `t`, else the bare forward (no autograd node)."""
+    if t.requires_grad and torch.is_grad_enabled():
+        return fn.apply(t, *args)
+    return fn.forward(_NoGradCtx(), t, *args)
+
+
 def _pvary_tensor(t, axes, ctx):
     """pvary one tensor over `axes` (used by the vma mode's automatic lift)."""
     y = _suspended(ctx, _Pvary.apply, t, axes, ctx)
@@ -298,7 +328,7 @@ def psum(x, axis_name):
 
     def one(t):
         t, v = _lift(t, axes, ctx)
-        y = _suspended(ctx, _Psum.apply, t, axes, ctx)
+        y = _suspended(ctx, _apply, _Psum, t, axes, ctx)
         return set_vma(y, v - frozenset(axes)) if ctx.check_vma else y
 
     return _leafwise("psum", one, x)
@@ -311,7 +341,7 @@ def pmean(x, axis_name):
 
     def one(t):
         t, v = _lift(t, axes, ctx)
-        y = _suspended(ctx, _Pmean.apply, t, axes, ctx)
+        y = _suspended(ctx, _apply, _Pmean, t, axes, ctx)
         return set_vma(y, v - frozenset(axes)) if ctx.check_vma else y
 
     return _leafwise("pmean", one, x)
@@ -323,7 +353,7 @@ def _extreme(api, op, x, axis_name):
 
     def one(t):
         t, v = _lift(t, axes, ctx)
-        y = _suspended(ctx, _Pextreme.apply, t, axes, op, ctx)
+        y = _suspended(ctx, _apply, _Pextreme, t, axes, op, ctx)
         return set_vma(y, v - frozenset(axes)) if ctx.check_vma else y
 
     return _leafwise(api, one, x)
@@ -390,18 +420,18 @@ def _gather(api, fn, x, axis_name, dim, tiled):
     invariant = fn is _AllGatherInvariant
 
     def one(t):
-        if tiled:
-            d = _dim(dim, t.dim(), api)
-            src = t
-        else:
-            d = _dim(dim, t.dim() + 1, api)
-            src = _suspended(ctx, t.unsqueeze, d)
+        d = _dim(dim, t.dim() if tiled else t.dim() + 1, api)
         if invariant:
-            v = vma_of(t)
-            y = _suspended(ctx, fn.apply, src, axes, d, ctx)
+            # an invariant operand is still lifted: the slice transpose leaves each device only its
+            # own block of g, and the pvary's psum adds the other blocks back
+            t, v = _lift(t, axes, ctx)
+            src = t if tiled else _suspended(ctx, t.unsqueeze, d)
+            y = _suspended(ctx, _apply, fn, src, axes, d, ctx)
             return set_vma(y, v - frozenset(axes)) if ctx.check_vma else y
-        src, v = _lift(src, axes, ctx)
-        y = _suspended(ctx, fn.apply, src, axes, d, ctx)
+        # lift before unsqueezing: the unsqueezed view carries no vma of its own
+        t, v = _lift(t, axes, ctx)
+        src = t if tiled else _suspended(ctx, t.unsqueeze, d)
+        y = _suspended(ctx, _apply, fn, src, axes, d, ctx)
         return set_vma(y, v | frozenset(axes)) if ctx.check_vma else y
 
     return _leafwise(api, one, x)
@@ -437,7 +467,7 @@ def psum_scatter(x, axis_name, *, dim=0, tiled=False):
                 f"got {t.shape[d]}. Use tiled=True to scatter blocks of a longer dim."
             )
         src, v = _lift(t, axes, ctx)
-        y = _suspended(ctx, _PsumScatter.apply, src, axes, d, ctx)
+        y = _suspended(ctx, _apply, _PsumScatter, src, axes, d, ctx)
         if not tiled:
             y = _suspended(ctx, y.squeeze, d)
         return set_vma(y, v | frozenset(axes)) if ctx.check_vma else y
@@ -474,7 +504,7 @@ def all_to_all(x, axis_name, split_dim, concat_dim, *, tiled=False):
                     f"of {axes}. Pad it to a multiple of {n} (or use the uneven helpers of the feature)."
                 )
             src, v = _lift(t, axes, ctx)
-            y = _suspended(ctx, _AllToAll.apply, src, axes, s, c, ctx)
+            y = _suspended(ctx, _apply, _AllToAll, src, axes, s, c, ctx)
         else:
             c = _dim(concat_dim, t.dim(), "all_to_all", "concat_dim")
             if t.shape[s] != n:
@@ -484,13 +514,13 @@ def all_to_all(x, axis_name, split_dim, concat_dim, *, tiled=False):
                 )
             src, v = _lift(t, axes, ctx)
             if s == c:
-                y = _suspended(ctx, _AllToAll.apply, src, axes, s, c, ctx)
+                y = _suspended(ctx, _apply, _AllToAll, src, axes, s, c, ctx)
             else:
                 # as jax.lax.all_to_all: insert the new axis at concat_dim, exchange, drop split_dim
                 ins = c + 1 if s < c else c
                 s2 = s if s < c else s + 1
                 src = _suspended(ctx, src.unsqueeze, ins)
-                y = _suspended(ctx, _AllToAll.apply, src, axes, s2, ins, ctx)
+                y = _suspended(ctx, _apply, _AllToAll, src, axes, s2, ins, ctx)
                 y = _suspended(ctx, y.squeeze, s2)
         return set_vma(y, v | frozenset(axes)) if ctx.check_vma else y
 
@@ -524,7 +554,7 @@ def ppermute(x, axis_name, perm):
 
     def one(t):
         src, v = _lift(t, axes, ctx)
-        y = _suspended(ctx, _Ppermute.apply, src, axes, perm, ctx)
+        y = _suspended(ctx, _apply, _Ppermute, src, axes, perm, ctx)
         return set_vma(y, v | frozenset(axes)) if ctx.check_vma else y
 
     return _leafwise("ppermute", one, x)
@@ -544,13 +574,21 @@ def axis_size(axis_name) -> int:
     return _size(ctx, _axes(axis_name, ctx, "axis_size"))
 
 
-def p2p(axis_name, sends=(), recvs=()):
+def p2p(axis_name, sends=(), recvs=(), *, wait_sends=True):
     """Point-to-point messages along `axis_name` (for pipeline executors; not differentiable).
 
     Args:
         axis_name: the mesh axis (or tuple) whose indices name the peers.
         sends: (destination index, tensor) pairs, posted first.
         recvs: (source index, shape, dtype) triples, received in order.
+        wait_sends: with True (default) return once every send of this call, and every send an
+            earlier call left in flight, has completed. With False return as soon as the receives
+            have arrived and leave this call's sends in flight: a pipeline executor needs sends
+            that never block (on gloo a send completes only when the peer posts its receive, so
+            two ranks that first send to each other and then receive would deadlock). The dist
+            communicator keeps the in-flight sends (and their tensors) until a later call with
+            wait_sends=True; the sim backend buffers every message at once, so there it changes
+            nothing.
 
     Returns:
         The received tensors, in the order of `recvs`. On the sim backend a device waiting for a
@@ -568,5 +606,7 @@ def p2p(axis_name, sends=(), recvs=()):
         raise ValueError(f"shardfn.p2p: peer indices {bad} are outside the axis size {n} of {axes}.")
     for _, t in sends:
         debug.record(ctx, "p2p", axes, _nbytes(t), "forward")
-    out = _suspended(ctx, ctx.comm.p2p, axes, sends, recvs)
+    if not isinstance(wait_sends, bool):
+        raise TypeError(f"shardfn.p2p: wait_sends must be a bool; got {wait_sends!r}.")
+    out = _suspended(ctx, ctx.comm.p2p, axes, sends, recvs, wait_sends)
     return out
