@@ -25,7 +25,7 @@ from shardfn.spec import P
 from shardfn.vma import vma_of
 
 from shardfn import npu  # noqa: E402  (after the collectives: npu.mc2 builds on them)
-from shardfn import optim, schedules  # noqa: E402
+from shardfn import flops, layers, memory, optim, schedules  # noqa: E402
 
 __all__ = [
     "Mesh",
@@ -50,6 +50,9 @@ __all__ = [
     "npu",
     "schedules",
     "optim",
+    "layers",
+    "memory",
+    "flops",
     "CollectiveMismatchError",
     "DeadlockError",
     "MeshTimeoutError",

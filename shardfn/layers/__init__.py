@@ -6,6 +6,9 @@ norms, ``swiglu``, RoPE, ALiBi, ``dropout``. Families (modules with ``init`` / `
 ``model``. Recomputation: ``recompute`` (``checkpoint``, ``selective``, ``RecomputePolicy``).
 """
 from shardfn.layers import (
+    tensor_parallel,
+    tp2d,
+    tp_model,
     attention_block,
     block,
     embedding,
@@ -27,8 +30,39 @@ from shardfn.layers.masks import CompressedCausal, band_mask, causal_mask, compr
 from shardfn.layers.norm import layer_norm, rms_norm
 from shardfn.layers.recompute import LayerRecompute, RecomputePolicy, checkpoint, selective
 from shardfn.layers.rotary import apply_rotary, rope_cache
+from shardfn.layers.tensor_parallel import (
+    column_parallel_linear,
+    row_parallel_linear,
+    vocab_parallel_embedding,
+    vocab_parallel_cross_entropy,
+    column_parallel_specs,
+    row_parallel_specs,
+    vocab_parallel_embedding_specs,
+    unaligned_attention_layout,
+    unaligned_attention_specs,
+    unaligned_attention_local,
+)
+from shardfn.layers.tp_model import (
+    tp_layout,
+    tp_specs,
+    tp_block_specs,
+    tp_block_apply,
+    tp_model_apply,
+    tp_model_loss,
+)
+from shardfn.layers.tp2d import (
+    rms_norm_2d,
+    layer_norm_2d,
+    mlp_2d,
+    attention_2d,
+    block_2d_apply,
+    tp2d_block_specs,
+)
 
 __all__ = [
+    "tensor_parallel",
+    "tp2d",
+    "tp_model",
     "CompressedCausal",
     "LayerRecompute",
     "LlamaConfig",
@@ -61,4 +95,26 @@ __all__ = [
     "selective",
     "swiglu",
     "varlen_attention",
+    "column_parallel_linear",
+    "row_parallel_linear",
+    "vocab_parallel_embedding",
+    "vocab_parallel_cross_entropy",
+    "column_parallel_specs",
+    "row_parallel_specs",
+    "vocab_parallel_embedding_specs",
+    "unaligned_attention_layout",
+    "unaligned_attention_specs",
+    "unaligned_attention_local",
+    "tp_layout",
+    "tp_specs",
+    "tp_block_specs",
+    "tp_block_apply",
+    "tp_model_apply",
+    "tp_model_loss",
+    "rms_norm_2d",
+    "layer_norm_2d",
+    "mlp_2d",
+    "attention_2d",
+    "block_2d_apply",
+    "tp2d_block_specs",
 ]

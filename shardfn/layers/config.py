@@ -4,11 +4,14 @@ from __future__ import annotations
 import attrs
 import torch
 
+from shardfn.tree import register_static
+
 __all__ = ["LlamaConfig"]
 
 _POSITIONS = ("rope", "alibi", "none")
 
 
+@register_static
 @attrs.frozen(kw_only=True, repr=False)
 class LlamaConfig:
     """Architecture of a Llama-style decoder; change it with ``attrs.evolve``.

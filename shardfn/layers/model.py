@@ -2,7 +2,9 @@
 
 embed -> blocks (RoPE or ALiBi, GQA, SwiGLU or GeLU, MoE with shared experts, noop layers)
 -> final norm -> logits (tied or separate head). Parameters are a dict pytree:
-``{"embed", "layers": [block params], "final_norm", "head"?}``.
+``{"config", "embed", "layers": [block params], "final_norm", "head"?}``. The config is a static
+pytree node (no leaves: shardfn.tree.register_static), so ``apply(params, tokens)`` finds it while
+tree maps, shard_map and optimizers see only the tensors.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ def init(generator: torch.Generator | None, config: LlamaConfig) -> dict:
         raise TypeError(f"model.init: config must be a LlamaConfig, got {type(config).__name__}.")
     c = config
     params = {
+        "config": c,
         "embed": embedding.init(generator, c.vocab_size, c.hidden, std=c.init_std, dtype=c.dtype),
         "layers": [block.init(generator, c, i) for i in range(c.num_layers)],
         "final_norm": norm.init(generator, c.hidden, kind=c.norm, dtype=c.dtype),
@@ -34,7 +37,17 @@ def init(generator: torch.Generator | None, config: LlamaConfig) -> dict:
     return params
 
 
-def apply(params: dict, tokens: torch.Tensor, *, config: LlamaConfig, position_ids=None, cu_seqlens=None,
+def _config(params, config, api):
+    config = config if config is not None else params.get("config")
+    if not isinstance(config, LlamaConfig):
+        raise TypeError(
+            f"model.{api}: no LlamaConfig: params from model.init carry it under 'config'; pass config=... "
+            f"for params built another way (got {type(config).__name__})."
+        )
+    return config
+
+
+def apply(params: dict, tokens: torch.Tensor, *, position_ids=None, cu_seqlens=None, config: LlamaConfig | None = None,
           recompute: RecomputePolicy = RecomputePolicy(), generator: torch.Generator | None = None,
           attn_fn=attention, varlen_fn=varlen_attention, column_linear=linear.apply,
           row_linear=linear.apply) -> torch.Tensor:
@@ -43,7 +56,7 @@ def apply(params: dict, tokens: torch.Tensor, *, config: LlamaConfig, position_i
     Args:
       params: from ``init``.
       tokens: int `[b, s]`.
-      config: the model config.
+      config: the model config; by default the one ``init`` stored in ``params["config"]``.
       position_ids: int `[s]` or `[b, s]` for RoPE (EOD reset); default ``arange(s)``.
       cu_seqlens: packed-document boundaries (from ``eod_reset``): attention stays in documents.
       recompute: which blocks recompute what.
@@ -53,7 +66,7 @@ def apply(params: dict, tokens: torch.Tensor, *, config: LlamaConfig, position_i
       column_linear: column-side linear passed to every block.
       row_linear: row-side linear passed to every block.
     """
-    c = config
+    c = _config(params, config, "apply")
     if tokens.dim() != 2:
         raise ValueError(f"model.apply: tokens must be [batch, seq], got shape {tuple(tokens.shape)}.")
     s = tokens.shape[1]
@@ -77,7 +90,7 @@ def apply(params: dict, tokens: torch.Tensor, *, config: LlamaConfig, position_i
 
 
 def loss(params: dict, tokens: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None, *,
-         config: LlamaConfig, **apply_kwargs) -> torch.Tensor:
+         config: LlamaConfig | None = None, **apply_kwargs) -> torch.Tensor:
     """Mean next-token cross-entropy (fp32) over the positions where ``loss_mask`` is 1.
 
     Args:
@@ -85,7 +98,7 @@ def loss(params: dict, tokens: torch.Tensor, targets: torch.Tensor, loss_mask: t
       tokens: int `[b, s]`.
       targets: int `[b, s]`.
       loss_mask: `[b, s]` of 0/1 (default all ones).
-      config: the model config.
+      config: the model config; by default ``params["config"]``.
       **apply_kwargs: passed to ``apply``.
 
     Returns:

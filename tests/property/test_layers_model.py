@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from shardfn.layers import LlamaConfig, block, eod_reset, model, moe, noop
+from shardfn import tree as shardfn_tree
 
 torch_f = torch.nn.functional
 
@@ -220,7 +221,19 @@ def _leaves(tree):
         return [x for k in sorted(tree) for x in _leaves(tree[k])]
     if isinstance(tree, list):
         return [x for t in tree for x in _leaves(t)]
-    return [tree]
+    return [tree] if isinstance(tree, torch.Tensor) else []  # the static config holds no tensors
+
+
+def test_pinned_signatures_find_the_config_in_params():
+    """apply(params, tokens) and loss(params, tokens, targets) as pinned: init stores the config."""
+    c = CONFIGS["rope_gqa_swiglu"]
+    params = model.init(torch.Generator().manual_seed(0), c)
+    tokens = torch.randint(0, c.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
+    assert params["config"] is c
+    torch.testing.assert_close(model.apply(params, tokens), model.apply(params, tokens, config=c), rtol=0, atol=0)
+    assert model.loss(params, tokens, tokens).dim() == 0
+    leaves, _ = shardfn_tree.flatten(params)
+    assert all(isinstance(t, torch.Tensor) for t in leaves)  # the config is structure, not a leaf
 
 
 def _ref_grads_as_params(ref, params, c):
