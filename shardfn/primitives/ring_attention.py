@@ -42,6 +42,7 @@ from shardfn.primitives.block_attention import (
 )
 from shardfn.primitives.collectives import _axes, _index, _permute, _size, _suspended
 from shardfn.primitives.zigzag import layout_positions
+from shardfn.layers.core_attention import _check_qkv
 from shardfn.vma import set_vma
 
 __all__ = [
@@ -268,24 +269,7 @@ class _RingAttention(torch.autograd.Function):
 
 def check_qkv(api, q, k, v):
     """Validate `[b, s, h, d]` q and `[b, s_kv, g, d]` k, v with h a multiple of g; return (h, g)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{api}: {name} must be a torch.Tensor; got {type(t).__name__}.")
-        if t.dim() != 4:
-            raise ValueError(
-                f"{api}: {name} has shape {tuple(t.shape)}; expected [batch, seq, heads, head_dim] (4 dims)."
-            )
-    if k.shape != v.shape:
-        raise ValueError(f"{api}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape.")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"{api}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch and head_dim.")
-    h, g = q.shape[2], k.shape[2]
-    if g == 0 or h % g:
-        raise ValueError(
-            f"{api}: q has {h} heads and k/v have {g}; grouped-query attention needs the q heads to be a "
-            f"multiple of the k/v heads. Use a divisor of {h} k/v heads."
-        )
-    return h, g
+    return _check_qkv(api, q, k, v)
 
 
 def check_unsupported(api, mask, bias, dropout_p, generator):

@@ -191,7 +191,7 @@ def test_bad_ring_arguments_are_clear_errors():
         run(layout="stripe")
     with pytest.raises(NotImplementedError, match="dropout"):
         run(dropout_p=0.1)
-    with pytest.raises(ValueError, match="multiple of the k/v heads"):
+    with pytest.raises(ValueError, match="multiple of k/v heads"):
         shard_map(lambda q, k: ring_attention(q, k, k), mesh=mesh, in_specs=P(None, "cp"),
                   out_specs=P(None, "cp"))(q, torch.zeros(1, 8, 3, 2))
 
