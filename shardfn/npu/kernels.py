@@ -203,6 +203,8 @@ def npu_apply_fused_ema_adamw(grad, var, m, v, s, step, lr=1e-3, ema_decay=0.999
         g' = g + wd * var * (1 - mode)
         m  = b1 m + (1 - b1) g';   v = b2 v + (1 - b2) g'^2
         var -= lr * ( (m / (1 - b1^step bc)) / (sqrt(v / (1 - b2^step bc)) + eps) + wd * var * mode )
+
+    The reference runs the optimizer's elementwise math (shardfn.optim.ema), so the two agree.
         s  = ema_decay * s + (1 - ema_decay) * var
 
     ``ema_decay`` is used as given; the optimizer applies the warm-up
@@ -227,15 +229,16 @@ def npu_apply_fused_ema_adamw(grad, var, m, v, s, step, lr=1e-3, ema_decay=0.999
     bc = 1.0 if bias_correction else 0.0
     c1 = 1.0 - beta1**n * bc
     c2 = 1.0 - beta2**n * bc
+    wd_l2, wd_dec = (weight_decay, 0.0) if mode == 0 else (0.0, weight_decay)
+    # one formula for both: the optimizer issue's elementwise math (shardfn.optim.ema)
+    from shardfn.optim.ema import _math
+
+    coeffs = torch.tensor(
+        [1.0 - beta1, beta2, 1.0 - beta2, wd_l2, 1.0 - lr * wd_dec, lr / c1, c2**0.5, eps, 1.0 - ema_decay],
+        dtype=var.dtype, device=var.device,
+    )
     with torch.no_grad():
-        g = grad.to(var.dtype)
-        if mode == 0 and weight_decay:
-            g = g + weight_decay * var
-        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        update = (m / c1) / ((v / c2).sqrt() + eps)
-        if mode == 1 and weight_decay:
-            update = update + weight_decay * var
-        var.sub_(lr * update)
-        s.mul_(ema_decay).add_(var, alpha=1.0 - ema_decay)
+        new = _math(var, grad.to(var.dtype), m, v, s, coeffs)
+        for dst, src in zip((var, m, v, s), new):
+            dst.copy_(src)
     return var, m, v, s
