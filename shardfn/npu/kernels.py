@@ -203,9 +203,9 @@ def npu_apply_fused_ema_adamw(grad, var, m, v, s, step, lr=1e-3, ema_decay=0.999
         g' = g + wd * var * (1 - mode)
         m  = b1 m + (1 - b1) g';   v = b2 v + (1 - b2) g'^2
         var -= lr * ( (m / (1 - b1^step bc)) / (sqrt(v / (1 - b2^step bc)) + eps) + wd * var * mode )
+        s  = ema_decay * s + (1 - ema_decay) * var
 
     The reference runs the optimizer's elementwise math (shardfn.optim.ema), so the two agree.
-        s  = ema_decay * s + (1 - ema_decay) * var
 
     ``ema_decay`` is used as given; the optimizer applies the warm-up
     ``min(decay, (1 + n) / (10 + n))`` before calling.
