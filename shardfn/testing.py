@@ -223,16 +223,32 @@ def run_distributed(fn, *args, nprocs: int = 2, backend: str = "gloo", timeout: 
     ]
     for p in procs:
         p.start()
+    import time
+
     got, errors = {}, []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(nprocs):
-            rank, ok, value = results.get(timeout=timeout)
+        while len(got) + len(errors) < nprocs:
+            try:
+                rank, ok, value = results.get(timeout=0.5)
+            except queue_mod.Empty:
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in got]
+                if dead and results.empty():
+                    # a rank exited without reporting (e.g. it failed to start): do not wait for the rest
+                    time.sleep(0.5)
+                    if results.empty():
+                        codes = {r: procs[r].exitcode for r in dead}
+                        errors.append(f"ranks {dead} exited without a result (exit codes {codes})")
+                        break
+                if time.monotonic() > deadline:
+                    missing = sorted(set(range(nprocs)) - set(got))
+                    errors.append(f"timed out after {timeout:g} s waiting for ranks {missing}")
+                    break
+                continue
             if ok:
                 got[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
                 errors.append(f"rank {rank}:\n{value}")
-    except queue_mod.Empty:
-        errors.append(f"timed out after {timeout:g} s waiting for ranks {sorted(set(range(nprocs)) - set(got))}")
     finally:
         for p in procs:
             p.join(timeout=10)
