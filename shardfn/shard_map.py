@@ -294,6 +294,15 @@ class _Call:
             )
         tensor_out = [k for k, x in enumerate(self._template) if isinstance(x, torch.Tensor)]
         out_specs = [self.out_leaf_specs[k] for k in tensor_out]
+        rg = [i for i in range(len(self.tensor_pos)) if self.leaves[self.tensor_pos[i]].requires_grad]
+        # split inputs' gradients are assembled by the devices themselves, in parallel: the owner of
+        # each block (index 0 on every axis its spec leaves unnamed) copies it into the global buffer
+        buffers = {}
+        for i in rg:
+            pos = self.tensor_pos[i]
+            if self.plan.spec_axes[pos]:
+                x = self.leaves[pos]
+                buffers[i] = torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
         def device(ctx):
             outs = self._outs[ctx.index]
@@ -303,16 +312,25 @@ class _Call:
                 if g is None or not o.requires_grad:
                     continue
                 pairs.append((o, local_block(g, out_specs[j], ctx.coords, self.mesh)))
-            inputs = [t for t in self._locals[ctx.index] if t.requires_grad]
+            inputs = [self._locals[ctx.index][i] for i in rg]
             if not pairs or not inputs:
-                return [None] * len(inputs)
-            with torch.enable_grad():
-                return torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
+                got = [None] * len(inputs)
+            else:
+                with torch.enable_grad():
+                    got = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
+            for n, i in enumerate(rg):
+                pos = self.tensor_pos[i]
+                if i in buffers and all(ctx.coords[a] == 0 for a in self.mesh.axis_names if a not in self.plan.spec_axes[pos]):
+                    block = local_block(buffers[i], self.specs[pos], ctx.coords, self.mesh)
+                    if got[n] is None:
+                        block.zero_()
+                    else:
+                        block.copy_(got[n])
+            return got
 
         results = self.mesh.runtime.run(device, check_vma=self.check_vma, recorders=debug.active_logs())
         coords = [self.mesh.coords_of(d) for d in range(self.mesh.size)]
         in_grads = []
-        rg = [i for i in range(len(self.tensor_pos)) if self.leaves[self.tensor_pos[i]].requires_grad]
         slot = {i: n for n, i in enumerate(rg)}
         for i, pos in enumerate(self.tensor_pos):
             if i not in slot:
@@ -324,7 +342,7 @@ class _Call:
                 blocks.append(g if g is not None else torch.zeros_like(self._locals[d][i]))
             if self.plan.track:
                 self._check_replicas(pos, blocks, coords)
-            in_grads.append(join_blocks(blocks, coords, self.specs[pos], self.mesh))
+            in_grads.append(buffers[i] if i in buffers else blocks[0])
         self._locals = self._outs = None
         return in_grads
 
