@@ -205,7 +205,7 @@ class _Call:
         blocks' cotangents over them (JAX does the same); without this a replicated value
         returned under a split out_spec gets only its own block's gradient.
         """
-        from shardfn.primitives.collectives import _pvary_tensor
+        from shardfn.primitives.rules import _pvary_tensor
 
         try:
             leaves, (_, _, treespec, named) = self.plan.out_plan(out)

@@ -105,7 +105,7 @@ class VmaMode(TorchFunctionMode):
         if inplace and found and found[0][0] is args[0] and found[0][1] != union and args[0].requires_grad:
             # the mutated tensor itself becomes varying: pvary it in place so its earlier
             # history (e.g. a clone of a replicated weight) gets the psum in backward
-            from shardfn.primitives.collectives import _pvary_inplace
+            from shardfn.primitives.rules import _pvary_inplace
 
             _pvary_inplace(args[0], tuple(sorted(union - found[0][1])), self.ctx)
         out = func(*args, **kwargs)
@@ -116,7 +116,7 @@ class VmaMode(TorchFunctionMode):
         return out
 
     def _lift(self, args, kwargs, lift):
-        from shardfn.primitives.collectives import _pvary_tensor
+        from shardfn.primitives.rules import _pvary_tensor
 
         lifted = {}
 

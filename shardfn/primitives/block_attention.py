@@ -254,7 +254,7 @@ def local_attention(q, k, v, *, scale: float | None = None, keep: torch.Tensor |
     ctx = context.current()
     if ctx is None or not ctx.check_vma:
         return _LocalAttention.apply(q, k, v, scale, keep, causal)
-    from shardfn.primitives.collectives import _suspended
+    from shardfn.primitives.rules import _suspended
 
     (q, k, v), union = lift_common(ctx, (q, k, v))
     out = _suspended(ctx, _LocalAttention.apply, q, k, v, scale, keep, causal)
@@ -271,7 +271,7 @@ def lift_common(ctx, tensors, axes=()):
     Returns:
         (lifted tensors, the common vma set).
     """
-    from shardfn.primitives.collectives import _lift
+    from shardfn.primitives.rules import _lift
 
     union = frozenset(axes).union(*(vma_of(t) for t in tensors))
     if not ctx.check_vma:

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from shardfn import context
-from shardfn.primitives.collectives import _all_gather, axis_index, axis_size, pvary
+from shardfn.primitives.collectives import axis_index, axis_size, pvary
+from shardfn.primitives.rules import _all_gather
 from shardfn.primitives.uneven import split_offsets, split_sizes, uneven_all_gather
 from shardfn.vma import set_vma, vma_of
 

@@ -15,7 +15,8 @@ from fractions import Fraction
 import torch
 
 from shardfn import context
-from shardfn.primitives.collectives import _axes, _size, all_to_all
+from shardfn.primitives.collectives import all_to_all
+from shardfn.primitives.rules import _axes, _size
 from shardfn.primitives.ring_attention import check_qkv, check_unsupported, ring_attention, ring_bytes
 from shardfn.primitives.ulysses import kv_repeat_factor, ulysses_bytes
 from shardfn.primitives.zigzag import zigzag_shard, zigzag_unshard

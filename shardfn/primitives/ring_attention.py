@@ -40,7 +40,7 @@ from shardfn.primitives.block_attention import (
     lse_delta,
     merge_attention,
 )
-from shardfn.primitives.collectives import _axes, _index, _permute, _size, _suspended
+from shardfn.primitives.rules import _axes, _index, _permute, _size, _suspended
 from shardfn.primitives.zigzag import layout_positions
 from shardfn.layers.core_attention import _check_qkv
 from shardfn.vma import set_vma

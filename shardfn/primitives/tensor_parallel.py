@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from shardfn import context
-from shardfn.primitives.collectives import _all_gather, _reduce_scatter, axis_size, psum, pvary
+from shardfn.primitives.collectives import axis_size, psum, pvary
+from shardfn.primitives.rules import _all_gather, _reduce_scatter
 from shardfn.vma import set_vma, vma_of
 from shardfn.primitives.uneven import uneven_all_gather, uneven_psum_scatter, uneven_slice
 

@@ -37,21 +37,10 @@ from shardfn.primitives.block_attention import (
     lift_common,
     local_attention,
 )
-from shardfn.primitives.collectives import (
-    _all_gather,
-    _all_to_all,
-    _axes,
-    _index,
-    _reduce_scatter,
-    _size,
-    _suspended,
-    all_gather,
-    all_gather_invariant,
-    all_to_all,
-    pvary,
-)
+from shardfn.primitives.collectives import all_gather, all_gather_invariant, all_to_all, pvary
 from shardfn.primitives.ring_attention import check_qkv, check_unsupported
-from shardfn.primitives.zigzag import split_sizes
+from shardfn.primitives.rules import _all_gather, _all_to_all, _axes, _index, _reduce_scatter, _size, _suspended
+from shardfn.primitives.uneven import split_sizes
 from shardfn.vma import set_vma
 
 __all__ = [
