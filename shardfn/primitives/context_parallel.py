@@ -12,6 +12,8 @@ Context parallelism changes only two things in a model (FEATURES.md 10-13):
 * data: tokens, targets, loss masks and position ids are permuted into the algorithm's layout
   (`cp_permute`) and split with `P(None, cp_axes)`; outputs are permuted back (`cp_unpermute`).
   RoPE tables need nothing: the model builds them from the permuted position ids.
+* per-layer cores: `cp_layer_attention_fns` gives one core per layer with the KV cache only on the
+  layers the cache interval selects (FEATURES.md 14); `model.apply` accepts the sequences.
 
 Example (ring attention over 'cp' for the Llama-style model of `shardfn.layers.model`):
     >>> attn_fn, varlen_fn = cp_attention_fns("ring", axis_name="cp")
