@@ -47,6 +47,19 @@ def _config(params, config, api):
     return config
 
 
+def _per_layer(fn, num_layers: int, name: str) -> tuple:
+    """One attention core per layer: `fn` repeated, or `fn` itself when it is a list/tuple of them."""
+    if not isinstance(fn, (list, tuple)):
+        return (fn,) * num_layers
+    if len(fn) != num_layers or not all(callable(f) for f in fn):
+        raise ValueError(
+            f"model.apply: {name} given as a sequence must hold one callable per layer; got {len(fn)} entries "
+            f"({[type(f).__name__ for f in fn]}) for {num_layers} layers. Pass one function for all layers, or "
+            f"exactly {num_layers} (e.g. from context_parallel.cp_layer_attention_fns(num_layers={num_layers}, ...))."
+        )
+    return tuple(fn)
+
+
 def apply(params: dict, tokens: torch.Tensor, *, position_ids=None, cu_seqlens=None, config: LlamaConfig | None = None,
           recompute: RecomputePolicy = RecomputePolicy(), generator: torch.Generator | None = None,
           attn_fn=attention, varlen_fn=varlen_attention, column_linear=linear.apply,
@@ -61,8 +74,10 @@ def apply(params: dict, tokens: torch.Tensor, *, position_ids=None, cu_seqlens=N
       cu_seqlens: packed-document boundaries (from ``eod_reset``): attention stays in documents.
       recompute: which blocks recompute what.
       generator: RNG for dropout.
-      attn_fn: attention core passed to every block.
-      varlen_fn: attention core for packed documents.
+      attn_fn: attention core passed to every block, or a sequence of ``num_layers`` cores (block ``i``
+        gets ``attn_fn[i]``), e.g. CP ring attention with a KV cache on some layers only
+        (``context_parallel.cp_layer_attention_fns``).
+      varlen_fn: attention core for packed documents; one, or a sequence of ``num_layers`` like ``attn_fn``.
       column_linear: column-side linear passed to every block.
       row_linear: row-side linear passed to every block.
     """
@@ -79,10 +94,13 @@ def apply(params: dict, tokens: torch.Tensor, *, position_ids=None, cu_seqlens=N
                           device=tokens.device)
     elif c.position == "alibi":
         slopes = alibi_slopes(c.num_heads, dtype=table_dtype, device=tokens.device)
+    n = len(params["layers"])
+    attn_fns = _per_layer(attn_fn, n, "attn_fn")
+    varlen_fns = _per_layer(varlen_fn, n, "varlen_fn")
     for i, p in enumerate(params["layers"]):
         x = block.apply(p, x, config=c, rope=rope, alibi_slopes=slopes, cu_seqlens=cu_seqlens,
-                        recompute=recompute.for_layer(i), generator=generator, attn_fn=attn_fn,
-                        varlen_fn=varlen_fn, column_linear=column_linear, row_linear=row_linear)
+                        recompute=recompute.for_layer(i), generator=generator, attn_fn=attn_fns[i],
+                        varlen_fn=varlen_fns[i], column_linear=column_linear, row_linear=row_linear)
     x = norm.apply(params["final_norm"], x, kind=c.norm, eps=c.norm_eps)
     if c.tie_embeddings:
         return embedding.logits(params["embed"], x)

@@ -49,6 +49,7 @@ from shardfn.primitives.block_attention import (
 )
 from shardfn.primitives.context_parallel import (
     cp_attention_fns,
+    cp_layer_attention_fns,
     cp_permute,
     cp_unpermute,
     cp_position_ids,
@@ -124,6 +125,7 @@ __all__ = [
     "block_backward",
     "local_attention",
     "cp_attention_fns",
+    "cp_layer_attention_fns",
     "cp_permute",
     "cp_unpermute",
     "cp_position_ids",

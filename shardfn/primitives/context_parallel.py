@@ -12,6 +12,8 @@ Context parallelism changes only two things in a model (FEATURES.md 10-13):
 * data: tokens, targets, loss masks and position ids are permuted into the algorithm's layout
   (`cp_permute`) and split with `P(None, cp_axes)`; outputs are permuted back (`cp_unpermute`).
   RoPE tables need nothing: the model builds them from the permuted position ids.
+* per-layer cores: `cp_layer_attention_fns` gives one core per layer with the KV cache only on the
+  layers the cache interval selects (FEATURES.md 14); `model.apply` accepts the sequences.
 
 Example (ring attention over 'cp' for the Llama-style model of `shardfn.layers.model`):
     >>> attn_fn, varlen_fn = cp_attention_fns("ring", axis_name="cp")
@@ -29,7 +31,7 @@ import functools
 import torch
 
 from shardfn.primitives.hybrid import hybrid_attention
-from shardfn.primitives.ring_attention import ring_attention
+from shardfn.primitives.ring_attention import kv_cache_policy_for_layer, ring_attention
 from shardfn.primitives.ulysses import ulysses_attention
 from shardfn.primitives.zigzag import (
     varlen_zigzag_indices,
@@ -39,7 +41,7 @@ from shardfn.primitives.zigzag import (
     zigzag_unshard,
 )
 
-__all__ = ["cp_attention_fns", "cp_permute", "cp_unpermute", "cp_position_ids"]
+__all__ = ["cp_attention_fns", "cp_layer_attention_fns", "cp_permute", "cp_unpermute", "cp_position_ids"]
 
 _ALGOS = ("ring", "ulysses", "hybrid")
 
@@ -68,6 +70,57 @@ def cp_attention_fns(algo: str = "ring", **options):
         return attn(q, k, v, causal=causal, cu_seqlens=cu_seqlens)
 
     return attn_fn, varlen_fn
+
+
+def cp_layer_attention_fns(algo: str = "ring", *, num_layers: int, kv_cache: str | None,
+                           cache_interval: int = 0, **options) -> tuple[tuple, tuple]:
+    """Per-layer (attn_fns, varlen_fns) with the CP KV cache only on the layers the interval selects.
+
+    FEATURES.md 14: 1-based layer l caches when `kv_cache_policy_for_layer(l, kv_cache, cache_interval)`
+    says so (interval 0: every layer; interval k: l % (k + 1) == 1); the other layers run the same
+    algorithm without a cache. Pass both tuples to `layers.model.apply` (attn_fn=, varlen_fn=), which
+    gives block i the i-th entry.
+
+    Args:
+        algo: "ring", "ulysses" or "hybrid" (as in `cp_attention_fns`).
+        num_layers: the model's layer count.
+        kv_cache: the policy of the caching layers: None, "full" or "half" ("full" only for
+            "ulysses", whose cache keeps the pre-communication K and V together).
+        cache_interval: `--context-parallel-cache-interval`, 0 <= k < num_layers.
+        **options: passed to the algorithm (axis names, layout, window_size, ...), except kv_cache.
+
+    Returns:
+        (attn_fns, varlen_fns): tuples of `num_layers` functions as `cp_attention_fns` returns.
+
+    Example:
+        >>> attn_fns, varlen_fns = cp_layer_attention_fns("ring", num_layers=4, kv_cache="full",
+        ...                                               cache_interval=2, axis_name="cp")
+        >>> # layers 1 and 4 (1-based) keep their K/V blocks for backward; layers 2 and 3 re-circulate them
+        >>> model.apply(params, tokens, position_ids=pos, attn_fn=attn_fns, varlen_fn=varlen_fns)
+    """
+    api = "cp_layer_attention_fns"
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"{api}: num_layers={num_layers!r} must be an int >= 1.")
+    if "kv_cache" in options:
+        raise ValueError(f"{api}: pass the cache policy as kv_cache=, not inside **options.")
+    if kv_cache is not None and not 0 <= cache_interval < num_layers:
+        raise ValueError(
+            f"{api}: cache_interval={cache_interval!r} must satisfy 0 <= k < num_layers={num_layers} "
+            f"(0 caches every layer)."
+        )
+    if algo == "ulysses" and kv_cache == "half":
+        raise ValueError(
+            f"{api}: algo='ulysses' has no 'half' KV cache (it keeps the pre-communication K and V together); "
+            f"use kv_cache='full' or None."
+        )
+    fns = {}
+    for layer in range(1, num_layers + 1):
+        policy = kv_cache_policy_for_layer(layer, kv_cache, cache_interval)
+        if policy not in fns:
+            cache = policy is not None if algo == "ulysses" else policy
+            fns[policy] = cp_attention_fns(algo, kv_cache=cache, **options)
+    per_layer = [fns[kv_cache_policy_for_layer(layer, kv_cache, cache_interval)] for layer in range(1, num_layers + 1)]
+    return tuple(f[0] for f in per_layer), tuple(f[1] for f in per_layer)
 
 
 def _ring_degree(algo, cp_size, ring_size):
