@@ -186,7 +186,10 @@ def _device_of(group) -> torch.device:
     if backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     if backend == "hccl":
-        return torch.device("npu", torch.npu.current_device())  # torch_npu registers torch.npu
+        from shardfn.npu._dispatch import torch_npu_module
+
+        torch_npu_module()  # importing torch_npu registers torch.npu
+        return torch.device("npu", torch.npu.current_device())
     return torch.device("cpu")
 
 
@@ -394,8 +397,18 @@ def all_gather_object(obj: Any, *, group=None, axis_name=None, slice_size: int =
         ``d`` objects in rank order (what ``dist.all_gather_object`` fills in).
 
     Example:
-        >>> all_gather_object({"step": 3}, group=device_group(mesh, "dp"))
+        On a dist mesh, with the HCCL settings' slice size:
+
+        >>> all_gather_object({"step": 3}, group=device_group(mesh, "dp"), slice_size=opts.slice_size)
         [{'step': 3}, {'step': 3}]
+
+        On a simulated mesh, inside shard_map:
+
+        >>> def program(x):
+        ...     names = all_gather_object(f"dev{int(axis_index('dp'))}", axis_name="dp")  # ['dev0', 'dev1']
+        ...     return x
+        >>> shard_map(program, mesh=make_mesh((2,), ("dp",), backend="sim"), in_specs=P("dp"),
+        ...           out_specs=P("dp"))(torch.zeros(2))
     """
     api = "all_gather_object"
     tr = _transport(api, group, axis_name, device)
