@@ -11,7 +11,10 @@ the only package in shardfn that imports torch_npu, and it does so lazily.
   ``npu_rotary_position_embedding``, ``npu_matmul_add_fp32``, ``npu_apply_fused_ema_adamw``;
 - MC2 (inside ``shard_map``, a mesh axis instead of an HCCL group; reference only):
   ``npu_all_gather_base_mm``, ``npu_mm_reduce_scatter_base``, ``npu_mm_all_reduce_base``;
-- settings: ``deterministic``, ``HcclOptions`` and the mesh hook ``mesh_group_options``.
+- settings: ``deterministic``, ``HcclOptions`` and the mesh hook ``mesh_group_options``;
+- replace gloo (object and CPU-tensor gathers over the device group, sliced): ``all_gather_object``,
+  ``gather_object``, ``scatter_object``, ``broadcast_object``, ``sliced_all_gather``,
+  ``sliced_gather``, ``sliced_scatter``, ``device_group``.
 """
 from shardfn.npu._dispatch import is_available, native_op, npu_op, torch_npu_module
 from shardfn.npu._fa_layout import alibi_slopes, causal_mask_2048
@@ -33,6 +36,16 @@ from shardfn.npu.hccl import (
 )
 from shardfn.npu.mesh import make_npu_mesh
 from shardfn.npu.mc2 import npu_all_gather_base_mm, npu_mm_all_reduce_base, npu_mm_reduce_scatter_base
+from shardfn.npu.replace_gloo import (
+    all_gather_object,
+    broadcast_object,
+    device_group,
+    gather_object,
+    scatter_object,
+    sliced_all_gather,
+    sliced_gather,
+    sliced_scatter,
+)
 from shardfn.npu.ring_update import npu_ring_attention_update
 from shardfn.npu.kernels import (
     npu_apply_fused_ema_adamw,
@@ -69,6 +82,14 @@ __all__ = [
     "mesh_group_options",
     "make_npu_mesh",
     "uses_gloo_side_groups",
+    "all_gather_object",
+    "broadcast_object",
+    "device_group",
+    "gather_object",
+    "scatter_object",
+    "sliced_all_gather",
+    "sliced_gather",
+    "sliced_scatter",
     "npu_apply_fused_ema_adamw",
     "npu_matmul_add_fp32",
     "npu_rms_norm",
