@@ -27,7 +27,9 @@ and ``unpack_fp32`` turns them into the fp32 masters in place. After ``tx`` upda
 ``pack_fp32`` splits them again, the residual is kept and the new bf16 shard is all-gathered.
 Per device, params + optimizer state take ``2*Np + 2*n + (tx's state)`` bytes instead of the
 ``2*N + 4*n' + (tx's state)`` of bf16 params with fp32 master shards: 2 bytes per parameter / d
-less (10/d instead of 12/d with AdamW, when nothing is padded).
+less (10/d instead of 12/d with AdamW, when nothing is padded). ``update`` is pure, so the
+overlay runs on a copy of the buffer made for the step; no donating in-place ``step`` is offered,
+because on the sim backend the replicated buffer is one storage shared by all simulated devices.
 """
 from __future__ import annotations
 

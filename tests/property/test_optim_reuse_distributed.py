@@ -17,6 +17,8 @@ from shardfn.optim import (
     DistributedReuseState,
     adamw,
     apply_step,
+    chain,
+    clip_by_global_norm,
     distributed,
     opt_state_specs,
     pack_fp32,
@@ -258,3 +260,43 @@ def test_errors():
         shard_map(lambda p: distributed(reuse_fp32_param(adamw(1e-3))).init(p).residual[0], mesh=mesh, in_specs=(P("dp"),), out_specs=P("dp"))(
             {"w": torch.ones(4)}
         )
+
+
+def test_dp_by_tp_mesh_with_clip_matches_single_device_reuse():
+    """dp x tp: a tp-sharded leaf and a replicated leaf form two groups (buffers P('tp') and P());
+    clip + adamw equals the single-device reuse on the full params at E1 (the global norm sums
+    shards in another order): bf16 params within one bf16 ulp."""
+    mesh = cached_mesh((2, 2), ("dp", "tp"))
+    params = _away_from_zero({"w": (3, 4), "b": (5,)}, 30)
+    pspecs = {"w": P(None, "tp"), "b": P()}
+    make = lambda: reuse_fp32_param(chain(clip_by_global_norm(0.5), adamw(1e-2)), deterministic=True)  # noqa: E731
+    dtx = distributed(make(), "dp")
+    specs = opt_state_specs(dtx, params, pspecs, mesh)
+    assert specs.buffer == (P("tp"), P()) or specs.buffer == (P(), P("tp"))
+    state = shard_map(dtx.init, mesh=mesh, in_specs=(pspecs,), out_specs=specs)(params)
+    upd = shard_map(dtx.update, mesh=mesh, in_specs=(pspecs, specs, pspecs), out_specs=(pspecs, specs))
+    rtx = make()
+    rs = rtx.init(params)
+    gen = torch.Generator().manual_seed(31)
+    for _ in range(3):
+        g = {"w": torch.randn(3, 4, generator=gen) * 3, "b": torch.randn(5, generator=gen)}
+        _, state = upd(g, state, state.params)
+        rp, rs = apply_step(rtx, {k: v.bfloat16() for k, v in g.items()}, rs, None)
+        for k in params:
+            torch.testing.assert_close(state.params[k].float(), rp[k].float(), rtol=2**-7, atol=0)
+
+
+def test_single_device_axis_uses_a_two_slot_workspace():
+    """d == 1: rank 0's overlay needs slots 0 and 1, so the step's workspace gets a second slot;
+    results equal the single-device reuse bitwise."""
+    params = _away_from_zero(SHAPES, 40, ties_every=4)
+    _, _, _, state, upd = _setup(1, params, True)
+    rtx = reuse_fp32_param(adamw(1e-2, weight_decay=0.1), deterministic=True)
+    rs = rtx.init(params)
+    gen = torch.Generator().manual_seed(41)
+    for _ in range(3):
+        g = {k: torch.randn(v.shape, generator=gen).bfloat16() for k, v in params.items()}
+        _, state = upd(g, state, None)
+        rp, rs = apply_step(rtx, g, rs, None)
+        for k in params:
+            assert torch.equal(_bits16(state.params[k]), _bits16(rp[k]))
