@@ -162,6 +162,13 @@ def bench_bytes() -> None:
 
         per_dev = shard_map(local_bytes, mesh=mesh, in_specs=(P(), P()), out_specs=P("dp"))(params, grads)
         rows.append((f"distributed(adamw), dp={d}", float(per_dev.max()) / n, 6 + 12 / d))
+        rtx = distributed(reuse_fp32_param(adamw(LR)), "dp")
+
+        def reuse_bytes(p, g):  # the state holds the bf16 params (views into its buffer)
+            return torch.full((1,), float(_nbytes(g, rtx.init(p))))
+
+        per_dev = shard_map(reuse_bytes, mesh=mesh, in_specs=(P(), P()), out_specs=P("dp"))(master, grads)
+        rows.append((f"distributed(reuse_fp32), dp={d}", float(per_dev.max()) / n, 6 + 10 / d))
     windows = []
     stx = swap_optimizer(mixed_precision(adamw(LR)), times=16, on_window=windows.append)
     s = stx.init(params)

@@ -8,7 +8,8 @@
 
 Wrappers change where state lives, not the numbers: ``mixed_precision`` (fp32 masters),
 ``reuse_fp32_param`` (masters sharing the bf16 params' storage), ``distributed`` (ZeRO-1 over a
-mesh axis, inside shard_map), ``swap_optimizer`` / ``virtual_optimizer`` (host memory).
+mesh axis, inside shard_map; ``distributed(reuse_fp32_param(tx))`` combines the two),
+``swap_optimizer`` / ``virtual_optimizer`` (host memory).
 """
 from shardfn.optim.adamw import AdamState, adam_scalars, adamw
 from shardfn.optim.base import (
@@ -22,7 +23,7 @@ from shardfn.optim.base import (
     sgd,
 )
 from shardfn.optim.clip import clip_by_global_norm, global_norm
-from shardfn.optim.distributed import DistributedState, DistributedTransformation, distributed, opt_state_specs
+from shardfn.optim.distributed import DistributedReuseState, DistributedState, DistributedTransformation, distributed, opt_state_specs
 from shardfn.optim.ema import (
     EmaAdamState,
     EmaKernelBackend,
@@ -34,7 +35,7 @@ from shardfn.optim.ema import (
     swap_ema,
 )
 from shardfn.optim.master import MasterState, mixed_precision
-from shardfn.optim.reuse_fp32 import ReuseFP32State, pack_fp32, reuse_fp32_param, unpack_fp32
+from shardfn.optim.reuse_fp32 import ReuseFP32State, ReuseFP32Transformation, pack_fp32, reuse_fp32_param, unpack_fp32
 from shardfn.optim.swap import (
     SwapState,
     SwapWindow,
@@ -48,6 +49,7 @@ from shardfn.optim.swap import (
 
 __all__ = [
     "AdamState",
+    "DistributedReuseState",
     "DistributedState",
     "DistributedTransformation",
     "EmaAdamState",
@@ -55,6 +57,7 @@ __all__ = [
     "EmptyState",
     "MasterState",
     "ReuseFP32State",
+    "ReuseFP32Transformation",
     "SwapState",
     "SwapWindow",
     "VirtualState",

@@ -14,14 +14,17 @@ so 1 is subtracted after the add and the fact is kept in the sign bit of the Ada
 (``exp_avg_sq >= 0`` always; ``signbit`` also survives ``-0.0``, so no element loses its bit).
 
 Storage: bf16 params + fp32 masters cost 6 bytes per parameter; here 4, exactly 2 less.
-Big-endian hosts are not supported (the slot order differs): ``NotImplementedError``. Combining
-with ``distributed`` (MindSpeed's per-rank slot overlay) is not implemented here.
+Big-endian hosts are not supported (the slot order differs): ``NotImplementedError``.
+``distributed(reuse_fp32_param(tx), "dp")`` shards this over a dp axis (MindSpeed's per-rank slot
+overlay): each device keeps only a 16-bit residual for its flat shard, and its fp32 master shard
+is rebuilt in two slots of the bf16 params buffer during the step (see ``distributed``).
 """
 from __future__ import annotations
 
 import sys
 from typing import NamedTuple, Optional
 
+import attrs
 import torch
 
 from shardfn import tree as _tree
@@ -30,7 +33,7 @@ from einops import rearrange
 from shardfn.optim.adamw import AdamState
 from shardfn.optim.base import GradientTransformation, PyTree, apply_step
 
-__all__ = ["ReuseFP32State", "pack_fp32", "reuse_fp32_param", "unpack_fp32"]
+__all__ = ["ReuseFP32State", "ReuseFP32Transformation", "pack_fp32", "reuse_fp32_param", "unpack_fp32"]
 
 _HALF = 0x8000
 _TIE_MASK = 0x1FFFF
@@ -104,15 +107,42 @@ class ReuseFP32State(NamedTuple):
     inner: PyTree
 
 
-def _find_nu(tree) -> Optional[torch.Tensor]:
+def find_adam_state(tree) -> Optional[AdamState]:
+    """Return the first ``AdamState`` in ``tree`` (a state, or a chain's tuple of states), else None."""
     if isinstance(tree, AdamState):
-        return tree.nu if isinstance(tree.nu, torch.Tensor) else None
+        return tree
     if isinstance(tree, (tuple, list)):
         for x in tree:
-            found = _find_nu(x)
+            found = find_adam_state(x)
             if found is not None:
                 return found
     return None
+
+
+def _find_nu(tree) -> Optional[torch.Tensor]:
+    found = find_adam_state(tree)
+    return found.nu if found is not None and isinstance(found.nu, torch.Tensor) else None
+
+
+def no_tie_state_error(tx: GradientTransformation, api: str) -> ValueError:
+    """The error for deterministic mode over a transformation with no Adam second moment."""
+    return ValueError(
+        f"{api}(deterministic=True): the state of {tx!r} has no AdamState.nu to hold "
+        "the tie bits. Wrap an adamw(...) (or chain ending in one), or use deterministic=False."
+    )
+
+
+@attrs.frozen(repr=False)
+class ReuseFP32Transformation(GradientTransformation):
+    """A ``GradientTransformation`` from ``reuse_fp32_param``; ``distributed`` reads its fields.
+
+    Attributes:
+        inner: The wrapped transformation on the fp32 masters.
+        deterministic: Whether bf16 rounding is half to even (tie bits in Adam's ``exp_avg_sq``).
+    """
+
+    inner: GradientTransformation = attrs.field(default=None, kw_only=True)
+    deterministic: bool = attrs.field(default=False, kw_only=True)
 
 
 def _views(buffer: torch.Tensor, shapes_tree: PyTree) -> PyTree:
@@ -123,7 +153,7 @@ def _views(buffer: torch.Tensor, shapes_tree: PyTree) -> PyTree:
     return _tree.unflatten(tdef, [p.view(s) for p, s in zip(torch.split(bf16, sizes), shapes)])
 
 
-def reuse_fp32_param(tx: GradientTransformation, *, deterministic: bool = False) -> GradientTransformation:
+def reuse_fp32_param(tx: GradientTransformation, *, deterministic: bool = False) -> ReuseFP32Transformation:
     """Wrap ``tx`` so its fp32 masters and the bf16 params share one 4-byte-per-element buffer.
 
     ``init(params)`` takes the params (any float dtype; their fp32 values become the masters)
@@ -132,6 +162,7 @@ def reuse_fp32_param(tx: GradientTransformation, *, deterministic: bool = False)
     ``tx`` on the flat master [N] with the fp32-cast flat grads, convert back; the returned
     params are the same views, now holding the new bf16 values. ``update`` is the pure form (it
     copies the buffer, so it saves no memory) and returns fp32 updates ``new_bf16 - old_bf16``.
+    Wrapped in ``distributed(..., axis_name)`` it runs ZeRO-1 style on flat dp shards.
 
     Args:
         tx: Elementwise transformation on fp32 masters, e.g. ``adamw(...)``.
@@ -139,7 +170,7 @@ def reuse_fp32_param(tx: GradientTransformation, *, deterministic: bool = False)
             kept in the sign of ``tx``'s Adam ``exp_avg_sq``, so ``tx`` must contain an ``adamw``.
 
     Returns:
-        The wrapping transformation.
+        The wrapping transformation (a ``ReuseFP32Transformation``).
 
     Raises:
         ValueError: In deterministic mode if ``tx``'s state has no Adam second moment.
@@ -150,10 +181,7 @@ def reuse_fp32_param(tx: GradientTransformation, *, deterministic: bool = False)
             return None
         nu = _find_nu(inner)
         if nu is None:
-            raise ValueError(
-                f"reuse_fp32_param(deterministic=True): the state of {tx!r} has no AdamState.nu to hold "
-                "the tie bits. Wrap an adamw(...) (or chain ending in one), or use deterministic=False."
-            )
+            raise no_tie_state_error(tx, "reuse_fp32_param")
         return nu
 
     def init(params):
@@ -185,4 +213,6 @@ def reuse_fp32_param(tx: GradientTransformation, *, deterministic: bool = False)
         updates = _tree.tree_map(lambda new, old: new.float() - old.float(), new_params, state.params)
         return updates, new_state
 
-    return GradientTransformation(init, update, step, name=f"reuse_fp32_param({tx.name}, deterministic={deterministic})")
+    return ReuseFP32Transformation(
+        init, update, step, name=f"reuse_fp32_param({tx.name}, deterministic={deterministic})", inner=tx, deterministic=deterministic
+    )
