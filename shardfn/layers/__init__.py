@@ -1,7 +1,7 @@
 """Stateless layers: pure functions over dict pytrees (no nn.Module state).
 
 Functions: ``attention``, ``explicit_attention``, ``varlen_attention``, masks, ``eod_reset``,
-norms, ``swiglu``, RoPE, ALiBi, ``dropout``. Families (modules with ``init`` / ``apply``):
+norms, ``swiglu``, RoPE, ALiBi, ``dropout`` (with ``MaskFeed`` for given masks). Families (modules with ``init`` / ``apply``):
 ``linear``, ``embedding``, ``norm``, ``mlp``, ``attention_block``, ``moe``, ``noop``, ``block``,
 ``model``. Recomputation: ``recompute`` (``checkpoint``, ``selective``, ``RecomputePolicy``).
 """
@@ -9,6 +9,7 @@ from shardfn.layers import (
     tensor_parallel,
     tp2d,
     tp_model,
+    tp_rng,
     attention_block,
     block,
     embedding,
@@ -24,7 +25,7 @@ from shardfn.layers.activations import gelu, swiglu
 from shardfn.layers.alibi import alibi_bias, alibi_slopes
 from shardfn.layers.config import LlamaConfig
 from shardfn.layers.core_attention import attention, explicit_attention, varlen_attention
-from shardfn.layers.drop import dropout
+from shardfn.layers.drop import MaskFeed, dropout, keep_mask
 from shardfn.layers.eod import eod_reset
 from shardfn.layers.masks import CompressedCausal, band_mask, causal_mask, compressed_causal_mask
 from shardfn.layers.norm import layer_norm, rms_norm
@@ -50,6 +51,13 @@ from shardfn.layers.tp_model import (
     tp_model_apply,
     tp_model_loss,
 )
+from shardfn.layers.tp_rng import (
+    TPStreams,
+    tp_rng_streams,
+    rank_streams,
+    tp_dropout,
+    assemble_tp_dropout_masks,
+)
 from shardfn.layers.tp2d import (
     rms_norm_2d,
     layer_norm_2d,
@@ -63,6 +71,7 @@ __all__ = [
     "tensor_parallel",
     "tp2d",
     "tp_model",
+    "tp_rng",
     "CompressedCausal",
     "LayerRecompute",
     "LlamaConfig",
@@ -78,6 +87,8 @@ __all__ = [
     "checkpoint",
     "compressed_causal_mask",
     "dropout",
+    "keep_mask",
+    "MaskFeed",
     "embedding",
     "eod_reset",
     "explicit_attention",
@@ -111,6 +122,11 @@ __all__ = [
     "tp_block_apply",
     "tp_model_apply",
     "tp_model_loss",
+    "TPStreams",
+    "tp_rng_streams",
+    "rank_streams",
+    "tp_dropout",
+    "assemble_tp_dropout_masks",
     "rms_norm_2d",
     "layer_norm_2d",
     "mlp_2d",

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
+from shardfn.layers.drop import keep_mask
 from shardfn.layers.masks import CompressedCausal, causal_mask
 from shardfn.layers.vma_align import align_vma
 
@@ -123,7 +124,7 @@ def explicit_attention(q, k, v, *, causal=False, mask=None, bias=None, scale=Non
         if add is not None and bool(torch.isneginf(add).all(-1).any()):
             probs = torch.nan_to_num(probs, nan=0.0)  # rows that keep no key
     if dropout_p > 0.0:
-        keep = torch.empty_like(probs).bernoulli_(1.0 - dropout_p, generator=generator)
+        keep = keep_mask(probs, dropout_p, generator)
         probs = probs * (keep / (1.0 - dropout_p))
     out = torch.matmul(probs, vh)
     out = rearrange(out, "b h s d -> b s h d").to(q.dtype)
@@ -181,7 +182,8 @@ def attention(q, k, v, *, causal=False, mask=None, bias=None, scale=None, dropou
         after the scale (FA v2 pse_type 0 ordering).
       scale: score scale, default ``1 / sqrt(d)``.
       dropout_p: dropout on the attention probabilities (explicit path).
-      generator: torch.Generator for the dropout mask (default: the global RNG).
+      generator: torch.Generator for the dropout mask (default: the global RNG), or a ``MaskFeed``
+        of given keep masks `[b, h, s_q, s_k]`.
       return_lse: also return the log-sum-exp of the scaled, biased, masked scores.
 
     Returns:

@@ -18,8 +18,14 @@ so gradients land on the original params. `tp_specs(params, config)` gives the s
     fc1 (SwiGLU)  P(None, tp, None)   fc1 (GeLU) P(tp, None)    fc2   P(None, tp)
     norms, row biases  P()            column biases P(tp)
 
-Unsupported (documented): MoE blocks and dropout inside TP regions (Megatron's model-parallel RNG
-stream is not modelled); they raise NotImplementedError.
+Dropout (``attention_dropout``, ``hidden_dropout``) follows Megatron's RNG rule with the explicit
+streams of ``tp_rng.tp_rng_streams`` passed as ``rng=``: attention probabilities (this rank's
+heads) draw from the rank's model-parallel stream; the hidden dropout before each residual add draws
+from the stream shared by the tp group under plain TP (the activation is replicated there) and from
+the model-parallel stream under SP (it is this rank's sequence block). ``tp_rng.
+assemble_tp_dropout_masks`` gives the single-device masks the ranks' masks join into.
+
+Unsupported (documented): MoE blocks; they raise NotImplementedError.
 """
 from __future__ import annotations
 
@@ -33,8 +39,10 @@ from shardfn.layers import attention_block, mlp, noop, norm
 from shardfn.layers.alibi import alibi_slopes
 from shardfn.layers.config import LlamaConfig
 from shardfn.layers.core_attention import attention
+from shardfn.layers.drop import dropout
 from shardfn.layers.rotary import rope_cache
 from shardfn.layers.tensor_parallel import column_parallel_linear, row_parallel_linear, vocab_parallel_cross_entropy, vocab_parallel_embedding
+from shardfn.layers.tp_rng import TPStreams
 from shardfn.primitives.collectives import axis_index, axis_size, pmean, pvary
 from shardfn.primitives.tensor_parallel import tp_enter
 from shardfn.spec import P
@@ -49,11 +57,6 @@ def _check_config(config, tp=None, api="tp"):
     c = config
     if c.num_experts:
         raise NotImplementedError(f"{api}: MoE blocks (num_experts={c.num_experts}) are not sharded by the TP model; use expert parallelism.")
-    if c.attention_dropout or c.hidden_dropout:
-        raise NotImplementedError(
-            f"{api}: dropout inside tensor-parallel regions (attention_dropout={c.attention_dropout}, "
-            f"hidden_dropout={c.hidden_dropout}) needs a model-parallel RNG stream, which is not modelled; set both to 0."
-        )
     if tp is not None:
         sizes = {"num_heads": c.num_heads, "num_kv_heads": c.kv_heads, "ffn_hidden": c.ffn, "vocab_size": c.vocab_size}
         bad = [f"{k}={v}" for k, v in sizes.items() if v % tp]
@@ -62,6 +65,23 @@ def _check_config(config, tp=None, api="tp"):
                 f"{api}: {', '.join(bad)} not divisible by the tp size {tp}. Choose sizes divisible by {tp} "
                 f"(pad the vocab), or shard those layers with the unaligned linears."
             )
+
+
+def _check_rng(config, rng, api):
+    c = config
+    if not (c.attention_dropout or c.hidden_dropout):
+        return
+    if not isinstance(rng, TPStreams):
+        raise ValueError(
+            f"{api}: dropout inside tensor-parallel regions (attention_dropout={c.attention_dropout}, "
+            f"hidden_dropout={c.hidden_dropout}) needs the tp RNG streams; got rng={type(rng).__name__}. Pass "
+            f"rng=tp_rng.tp_rng_streams(seed, axis_name=...) built inside shard_map (or set both to 0)."
+        )
+
+
+def _table_dtype(config):
+    # the unsharded model's RoPE / ALiBi tables: float64 for a float64 model, else fp32
+    return torch.float64 if config.dtype == torch.float64 else torch.float32
 
 
 def _block_layout(p, config):
@@ -144,7 +164,7 @@ def _local_linear(p, x):
 
 def tp_block_apply(params: dict, x: torch.Tensor, *, config: LlamaConfig, axis_name="tp",
                    sequence_parallel: bool = False, sequence_length: int | None = None, rope=None,
-                   attn_fn=attention, num_chunks: int = 1) -> torch.Tensor:
+                   attn_fn=attention, num_chunks: int = 1, rng: TPStreams | None = None) -> torch.Tensor:
     """One pre-norm block (attention + MLP) on this device's tp shard of the weights.
 
     Args:
@@ -158,14 +178,22 @@ def tp_block_apply(params: dict, x: torch.Tensor, *, config: LlamaConfig, axis_n
         rope: ``(cos, sin)`` for the full sequence, or None.
         attn_fn: the attention core on the local heads.
         num_chunks: CoC chunks of the row linears' matmul + collective (FEATURES.md 39).
+        rng: this device's ``tp_rng_streams``, needed when the config has dropout: attention
+            dropout draws from ``rng.model_parallel``, hidden dropout from ``rng.shared`` (TP) or
+            ``rng.model_parallel`` (SP). ``recompute.checkpoint`` around this call replays both.
 
     Returns:
         Like x.
     """
     c = config
     _check_config(c, api="tp_block_apply")
+    _check_rng(c, rng, "tp_block_apply")
     if not params:
         return noop.apply(params, x)
+    mp_gen = rng.model_parallel if rng is not None else None
+    # Megatron: the residual-path dropout of plain TP runs on a replicated activation (shared
+    # stream, the same mask on every rank); under SP it runs on this rank's sequence block (own stream)
+    hidden_gen = None if rng is None else (rng.model_parallel if sequence_parallel else rng.shared)
     seq_dim = 1 if sequence_parallel else None
     reduce = "psum_scatter" if sequence_parallel else "psum"
     row = functools.partial(row_parallel_linear, axis_name=axis_name, reduce=reduce, sequence_dim=1,
@@ -174,7 +202,7 @@ def tp_block_apply(params: dict, x: torch.Tensor, *, config: LlamaConfig, axis_n
                               sequence_length=sequence_length if sequence_parallel else None)
     slopes = None
     if c.position == "alibi":
-        all_slopes = alibi_slopes(c.num_heads, dtype=torch.float32, device=x.device)
+        all_slopes = alibi_slopes(c.num_heads, dtype=_table_dtype(c), device=x.device)
         slopes = rearrange(all_slopes, "(t h) -> t h", t=axis_size(axis_name))[axis_index(axis_name)]
     if sequence_parallel:  # norms run on sequence shards: their gradients sum over tp (Megatron's
         # sequence_parallel-marked params); explicit so it also holds under check_vma=False
@@ -182,14 +210,17 @@ def tp_block_apply(params: dict, x: torch.Tensor, *, config: LlamaConfig, axis_n
     h = enter(norm.apply(params["attn_norm"], x, kind=c.norm, eps=c.norm_eps))
     a = attention_block.apply(params["attn"], h, head_dim=c.dim_per_head, rope=rope,
                               rotary_interleaved=c.rotary_interleaved, alibi_slopes=slopes, attn_fn=attn_fn,
+                              dropout_p=c.attention_dropout, generator=mp_gen,
                               column_linear=_local_linear, row_linear=row)
-    x = x + a
+    x = x + dropout(a, c.hidden_dropout, generator=hidden_gen)
     h = enter(norm.apply(params["mlp_norm"], x, kind=c.norm, eps=c.norm_eps))
-    return x + mlp.apply(params["mlp"], h, kind=c.mlp, column_linear=_local_linear, row_linear=row)
+    m = mlp.apply(params["mlp"], h, kind=c.mlp, column_linear=_local_linear, row_linear=row)
+    return x + dropout(m, c.hidden_dropout, generator=hidden_gen)
 
 
 def tp_model_apply(params: dict, tokens: torch.Tensor, *, config: LlamaConfig, axis_name="tp",
-                   sequence_parallel: bool = False, position_ids=None, num_chunks: int = 1) -> torch.Tensor:
+                   sequence_parallel: bool = False, position_ids=None, num_chunks: int = 1,
+                   rng: TPStreams | None = None) -> torch.Tensor:
     """Vocab-split logits of the layers issue's model on this device's tp shard.
 
     Args:
@@ -200,23 +231,25 @@ def tp_model_apply(params: dict, tokens: torch.Tensor, *, config: LlamaConfig, a
         sequence_parallel: Megatron SP between blocks (any s; uneven splits use `split_sizes`).
         position_ids: RoPE positions ``[s]`` or ``[b, s]``; default ``arange(s)``.
         num_chunks: CoC chunks for the row linears.
+        rng: this device's ``tp_rng_streams`` (needed with dropout; see `tp_block_apply`).
 
     Returns:
         ``[b, s, V/t]`` logits, varying over ``axis_name`` (never gathered).
     """
     c = config
     _check_config(c, axis_size(axis_name), api="tp_model_apply")
+    _check_rng(c, rng, "tp_model_apply")
     s = tokens.shape[1]
     sp = sequence_parallel
     x = vocab_parallel_embedding(params["embed"], tokens, axis_name=axis_name,
                                  reduce="psum_scatter" if sp else "psum", sequence_dim=1)
     rope = None
     if c.position == "rope":
-        rope = rope_cache(s, c.rope_dim, base=c.rope_base, position_ids=position_ids, dtype=torch.float32,
+        rope = rope_cache(s, c.rope_dim, base=c.rope_base, position_ids=position_ids, dtype=_table_dtype(c),
                           device=tokens.device)
     for p in params["layers"]:
         x = tp_block_apply(p, x, config=c, axis_name=axis_name, sequence_parallel=sp, sequence_length=s,
-                           rope=rope, num_chunks=num_chunks)
+                           rope=rope, num_chunks=num_chunks, rng=rng)
     final_norm = pvary(params["final_norm"], axis_name) if sp else params["final_norm"]
     x = norm.apply(final_norm, x, kind=c.norm, eps=c.norm_eps)
     head = params["embed"] if c.tie_embeddings else params["head"]
@@ -226,7 +259,7 @@ def tp_model_apply(params: dict, tokens: torch.Tensor, *, config: LlamaConfig, a
 
 def tp_model_loss(params: dict, tokens: torch.Tensor, targets: torch.Tensor, loss_mask=None, *,
                   config: LlamaConfig, axis_name="tp", dp_axis=None, sequence_parallel: bool = False,
-                  num_chunks: int = 1) -> torch.Tensor:
+                  num_chunks: int = 1, rng: TPStreams | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy of the TP model (``model.loss`` sharded), invariant over tp and dp.
 
     Args:
@@ -241,12 +274,13 @@ def tp_model_loss(params: dict, tokens: torch.Tensor, targets: torch.Tensor, los
             summed over dp by the vma rule and scaled by the pmean.
         sequence_parallel: Megatron SP.
         num_chunks: CoC chunks for the row linears.
+        rng: this device's ``tp_rng_streams`` (needed with dropout; see `tp_block_apply`).
 
     Returns:
         0-d fp32 loss (float64 for float64 params).
     """
     logits = tp_model_apply(params, tokens, config=config, axis_name=axis_name, sequence_parallel=sequence_parallel,
-                            num_chunks=num_chunks)
+                            num_chunks=num_chunks, rng=rng)
     ce = vocab_parallel_cross_entropy(logits, targets, axis_name=axis_name)
     if loss_mask is None:
         loss = ce.mean()

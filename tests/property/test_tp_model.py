@@ -120,8 +120,8 @@ def test_config_errors():
         shard_map(functools.partial(tp_model_loss, config=cfg), mesh=mesh,
                   in_specs=(tp_specs(params, cfg), P(), P()), out_specs=P())(
             tp_layout(params, cfg), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long))
-    with pytest.raises(NotImplementedError, match="dropout"):
-        tp_specs({}, LlamaConfig(vocab_size=4, hidden=4, num_layers=1, num_heads=2, hidden_dropout=0.1))
+    with pytest.raises(NotImplementedError, match="MoE"):
+        tp_specs({}, LlamaConfig(vocab_size=4, hidden=4, num_layers=1, num_heads=2, num_experts=2))
 
 
 @pytest.mark.parametrize("sp", [False, True])
