@@ -58,7 +58,7 @@ def _normed(params, x, config, recompute_norm):
 
 
 def _forward(params, x, rope, alibi_slopes, cu_seqlens, generator, *, config, recompute, attn_fn, varlen_fn,
-             column_linear, row_linear):
+             column_linear, row_linear, return_aux_loss=False):
     c = config
     core = selective(attn_fn) if recompute.selective else attn_fn
     h, handle = _normed(params["attn_norm"], x, c, recompute.norm)
@@ -70,21 +70,25 @@ def _forward(params, x, rope, alibi_slopes, cu_seqlens, generator, *, config, re
         handle.discard(until=a)
     x = x + dropout(a, c.hidden_dropout, generator=generator)
     h, handle = _normed(params["mlp_norm"], x, c, recompute.norm)
+    aux = None
     if "moe" in params:
         m = moe.apply(params["moe"], h, top_k=c.moe_top_k, kind=c.mlp, column_linear=column_linear,
-                      row_linear=row_linear)
+                      row_linear=row_linear, return_aux_loss=return_aux_loss)
+        if return_aux_loss:
+            m, aux = m
     else:
         m = mlp.apply(params["mlp"], h, kind=c.mlp, recompute_activation=recompute.activation,
                       column_linear=column_linear, row_linear=row_linear)
     if handle is not None:
         handle.discard(until=m)
-    return x + dropout(m, c.hidden_dropout, generator=generator)
+    out = x + dropout(m, c.hidden_dropout, generator=generator)
+    return (out, aux) if return_aux_loss else out
 
 
 def apply(params: dict, x: torch.Tensor, *, config: LlamaConfig, rope=None, alibi_slopes=None, cu_seqlens=None,
           recompute: LayerRecompute = LayerRecompute(), generator: torch.Generator | None = None,
           attn_fn=attention, varlen_fn=varlen_attention, column_linear=linear.apply,
-          row_linear=linear.apply) -> torch.Tensor:
+          row_linear=linear.apply, return_aux_loss: bool = False):
     """Apply one block to x `[b, s, H]` -> `[b, s, H]`.
 
     Args:
@@ -100,11 +104,14 @@ def apply(params: dict, x: torch.Tensor, *, config: LlamaConfig, rope=None, alib
       varlen_fn: the attention core for packed documents.
       column_linear: q/k/v and fc1 linear (TP passes column-parallel).
       row_linear: o and fc2 linear (TP passes row-parallel).
+      return_aux_loss: also return the MoE load-balancing loss (``moe.load_balancing_loss``; None for
+        a dense or noop block): ``(y, aux)``.
     """
     if not params:
-        return noop.apply(params, x)
+        y = noop.apply(params, x)
+        return (y, None) if return_aux_loss else y
     fwd = functools.partial(_forward, config=config, attn_fn=attn_fn, varlen_fn=varlen_fn,
-                            column_linear=column_linear, row_linear=row_linear)
+                            column_linear=column_linear, row_linear=row_linear, return_aux_loss=return_aux_loss)
     if recompute.full:
         return checkpoint(functools.partial(fwd, recompute=LayerRecompute()), params, x, rope, alibi_slopes,
                           cu_seqlens, generator)

@@ -35,6 +35,8 @@ class LlamaConfig:
       moe_top_k: experts per token.
       moe_ffn_hidden: expert width (default ffn_hidden).
       num_shared_experts: shared experts (width num_shared_experts * expert width).
+      moe_aux_loss_coeff: weight of the MoE load-balancing loss that ``model.loss`` adds (summed over
+        MoE blocks; 0 = not added).
       noop_layers: 0-based indices of parameter-free blocks.
       tie_embeddings: output logits use the embedding matrix.
       bias: linear biases.
@@ -62,6 +64,7 @@ class LlamaConfig:
     moe_top_k: int = 2
     moe_ffn_hidden: int | None = None
     num_shared_experts: int = 0
+    moe_aux_loss_coeff: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
     noop_layers: tuple = attrs.field(default=(), converter=tuple)
     tie_embeddings: bool = False
     bias: bool = False
