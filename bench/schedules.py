@@ -19,14 +19,13 @@ from fractions import Fraction
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shardfn.schedules import (  # noqa: E402
+    torch_order,
     dualpipev,
-    from_torch_order,
     gpipe,
     interleaved_1f1b,
     one_f_one_b,
     plot,
     simulate,
-    stage_to_rank,
     validate,
     zbv,
     zero_bubble_h1,
@@ -98,27 +97,13 @@ def closed_form_table() -> bool:
 
 def torch_anchor_table() -> None:
     try:
-        from torch.distributed.pipelining import schedules as ts
+        import torch.distributed.pipelining  # noqa: F401
     except ImportError:
         print("torch.distributed.pipelining not available: anchor table skipped")
         return
 
-    class Stub:
-        def __init__(self, index, num_stages, rank, size):
-            self.stage_index, self.num_stages, self.group_rank, self.group_size = index, num_stages, rank, size
-            self.is_first, self.is_last = index == 0, index == num_stages - 1
-            self.submod, self.stage_index_to_group_rank = None, {}
-
     def theirs(cls_name, p, m, v, placement):
-        cls = getattr(ts, cls_name)
-        n = p * v
-        to_rank = stage_to_rank(n, p, placement)
-        order = {}
-        for r in range(p):
-            stages = [Stub(s, n, r, p) for s in range(n) if to_rank[s] == r]
-            single = issubclass(cls, ts.PipelineScheduleSingle)
-            order[r] = cls(stages[0] if single else stages, m).pipeline_order[r]
-        return from_torch_order(order, num_stages=n, num_microbatches=m, placement=placement)
+        return torch_order(cls_name, p, m, num_chunks=v, placement=placement)
 
     rows = [
         ("gpipe", lambda p, m: gpipe(p, m), "ScheduleGPipe", 1, "loop"),

@@ -19,7 +19,8 @@ from .comms import add_comms
 from .deps import Event, ready
 from .dualpipe import dualpipev, dualpipev_phase_counts
 from .executor import run_pipeline
-from .interop import from_torch_order, to_torch_strings
+from .interop import from_torch_order, to_torch_strings, torch_order
+from .reference import sequential_reference
 from .generators import gpipe, interleaved_1f1b, nanopipe, one_f_one_b
 from .placement import (
     LayerPartition,
@@ -54,6 +55,8 @@ __all__ = [
     "add_comms",
     "from_torch_order",
     "to_torch_strings",
+    "torch_order",
+    "sequential_reference",
     "validate",
     "simulate",
     "Timeline",

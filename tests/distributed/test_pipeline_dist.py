@@ -10,6 +10,7 @@ import torch
 
 from shardfn import P, make_mesh, shard_map
 from shardfn.schedules import dualpipev, interleaved_1f1b, one_f_one_b, zbv
+from shardfn.schedules import sequential_reference
 from shardfn.schedules.executor import run_pipeline
 from shardfn.schedules.stages import stack_stages, unstack_stages
 from shardfn.testing import run_distributed
@@ -49,16 +50,7 @@ CASES = [
 
 
 def reference(params, mbs):
-    leaves = [{k: t.clone().requires_grad_(True) for k, t in w.items()} for w in params]
-    total = 0
-    for mb in mbs:
-        x = mb
-        for w in leaves:
-            x = layer(w, x)
-        scaled = loss_fn(x, mb) / len(mbs)
-        scaled.backward()
-        total = total + scaled.detach()
-    return total, [{k: t.grad for k, t in w.items()} for w in leaves]
+    return sequential_reference(lambda w, _stage, x: layer(w, x), params, mbs, loss_fn)
 
 
 def worker():

@@ -26,6 +26,7 @@ from shardfn.schedules import (
     zbv,
     zero_bubble_h1,
 )
+from shardfn.schedules import sequential_reference
 from shardfn.schedules.executor import run_pipeline
 from shardfn.schedules.stages import stack_stages, unstack_stages
 from shardfn.testing import cached_mesh
@@ -55,16 +56,7 @@ def make(num_stages, num_microbatches, seed, batch=2):
 
 
 def reference(params, mbs):
-    leaves = [{k: t.clone().requires_grad_(True) for k, t in w.items()} for w in params]
-    total = 0
-    for mb in mbs:
-        x = mb
-        for w in leaves:
-            x = layer(w, x)
-        scaled = loss_fn(x, mb) / len(mbs)
-        scaled.backward()
-        total = total + scaled.detach()
-    return total, [{k: t.grad for k, t in w.items()} for w in leaves]
+    return sequential_reference(lambda w, _stage, x: layer(w, x), params, mbs, loss_fn)
 
 
 def pipelined(schedule, params, mbs, mesh=None, *, batch_axis=None):

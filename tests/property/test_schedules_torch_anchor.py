@@ -12,13 +12,12 @@ import pytest
 
 from shardfn.schedules import (
     dualpipev,
-    from_torch_order,
     gpipe,
     interleaved_1f1b,
     one_f_one_b,
     simulate,
-    stage_to_rank,
     to_torch_strings,
+    torch_order,
     validate,
     zbv,
     zero_bubble_h1,
@@ -27,33 +26,8 @@ from shardfn.schedules import (
 schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
 
 
-class _StubStage:
-    """What torch's schedule constructors read from a stage, and nothing else."""
-
-    def __init__(self, stage_index, num_stages, group_rank, group_size):
-        self.stage_index = stage_index
-        self.num_stages = num_stages
-        self.group_rank = group_rank
-        self.group_size = group_size
-        self.is_first = stage_index == 0
-        self.is_last = stage_index == num_stages - 1
-        self.submod = None
-        self.stage_index_to_group_rank = {}
-
-
 def torch_schedule(cls_name, num_ranks, num_microbatches, num_chunks, placement):
-    """Build torch's order for every rank (each rank's constructor sees only its stages)."""
-    cls = getattr(schedules, cls_name)
-    num_stages = num_ranks * num_chunks
-    to_rank = stage_to_rank(num_stages, num_ranks, placement)
-    order = {}
-    for rank in range(num_ranks):
-        stages = [_StubStage(s, num_stages, rank, num_ranks) for s in range(num_stages) if to_rank[s] == rank]
-        single = issubclass(cls, schedules.PipelineScheduleSingle)
-        built = cls(stages[0] if single else stages, num_microbatches)
-        order[rank] = built.pipeline_order[rank]
-    return from_torch_order(order, num_stages=num_stages, num_microbatches=num_microbatches,
-                            placement=placement, name=f"torch_{cls_name}")
+    return torch_order(cls_name, num_ranks, num_microbatches, num_chunks=num_chunks, placement=placement)
 
 
 # (family, ours, torch class, chunks per rank, placement)
